@@ -1,0 +1,143 @@
+"""Lines the events of all entities up into one batch per step.
+
+`step = floor(ts / interval)`. A step closes, strictly in step order, when every active
+entity has reported for it or when the watermark (max event time seen minus
+`allowed_lateness`) passes the step's end. A closed step becomes a `Batch`: X[capacity,
+features] with the row of each entity at its registry slot, and a mask that is False for
+entities without an event in that step.
+
+Within an open step, a second event for the same entity replaces the first (counted as a
+duplicate). An event for a step at or before the last closed step is late: it is counted and
+reported to the caller, never applied.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import StrEnum
+
+import numpy as np
+
+from .config import StreamConfig
+from .errors import EventError, Reason
+from .events import Event, step_of
+from .registry import SlotRegistry
+
+
+class AddStatus(StrEnum):
+    ACCEPTED = "accepted"
+    REPLACED = "replaced"  # a duplicate (entity, step): the newer event replaced the older
+    LATE = "late"  # its step already closed; not applied
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One closed step. Row i is the entity at slot i; `mask[i]` says whether it reported."""
+
+    step: int
+    x: np.ndarray  # float32 [capacity, features]
+    mask: np.ndarray  # bool [capacity]
+    ts: np.ndarray  # float64 [capacity]; event time of each present row, NaN elsewhere
+    entities: tuple[str, ...]  # present entities, in slot order
+    slots: np.ndarray  # int64 [present]: their slots, ascending
+
+
+class StepAligner:
+    def __init__(self, config: StreamConfig, registry: SlotRegistry) -> None:
+        self._interval = config.interval
+        self._lateness = config.allowed_lateness
+        self._max_jump = config.max_step_jump
+        self._n_features = len(config.features)
+        self._registry = registry
+        self._open: dict[int, dict[str, Event]] = {}
+        self._last_closed: int | None = None
+        self._max_ts = -math.inf
+        self.duplicates = 0
+        self.late = 0
+
+    @property
+    def last_closed_step(self) -> int | None:
+        return self._last_closed
+
+    @property
+    def watermark(self) -> float:
+        return self._max_ts - self._lateness
+
+    @property
+    def open_steps(self) -> list[int]:
+        return sorted(self._open)
+
+    def pending_entities(self) -> set[str]:
+        """Entities with an event waiting in an open step (must not be evicted)."""
+        return {e for bucket in self._open.values() for e in bucket}
+
+    def resume_after(self, step: int | None) -> None:
+        """Treat every step up to `step` as closed (restart from a checkpoint)."""
+        self._last_closed = step
+
+    def add(self, event: Event) -> AddStatus:
+        """Buffer `event` in its step. Raises EventError/CapacityError for refused events."""
+        step = step_of(event.ts, self._interval)
+        if self._last_closed is not None and step <= self._last_closed:
+            self.late += 1
+            return AddStatus.LATE
+        if self._max_ts > -math.inf:
+            ahead = step - step_of(self._max_ts, self._interval)
+            if ahead > self._max_jump:
+                raise EventError(
+                    Reason.TS_TOO_FAR_AHEAD,
+                    f'entity "{event.entity}": step {step} is {ahead} steps ahead of the '
+                    f"newest step seen (stream.max_step_jump={self._max_jump})",
+                    event.entity,
+                )
+        self._registry.assign(event.entity)
+        bucket = self._open.setdefault(step, {})
+        status = AddStatus.REPLACED if event.entity in bucket else AddStatus.ACCEPTED
+        if status is AddStatus.REPLACED:
+            self.duplicates += 1
+        bucket[event.entity] = event
+        if event.ts > self._max_ts:
+            self._max_ts = event.ts
+        return status
+
+    def close_ready(self) -> list[Batch]:
+        """Close, in step order, every step that is complete or behind the watermark."""
+        out = []
+        watermark = self.watermark
+        while self._open:
+            step = min(self._open)
+            complete = len(self._open[step]) >= len(self._registry)
+            if complete or watermark >= (step + 1) * self._interval:
+                out.append(self._close(step))
+            else:
+                break
+        return out
+
+    def flush(self) -> list[Batch]:
+        """Close every open step (end of a finite stream)."""
+        return [self._close(step) for step in sorted(self._open)]
+
+    def _close(self, step: int) -> Batch:
+        bucket = self._open.pop(step)
+        capacity = self._registry.capacity
+        x = np.zeros((capacity, self._n_features), dtype=np.float32)
+        mask = np.zeros(capacity, dtype=bool)
+        ts = np.full(capacity, np.nan)
+        placed = []
+        for entity, event in bucket.items():
+            slot = self._registry.assign(entity)
+            x[slot] = event.values
+            mask[slot] = True
+            ts[slot] = event.ts
+            placed.append((slot, entity))
+        placed.sort()
+        self._last_closed = step
+        return Batch(
+            step=step,
+            x=x,
+            mask=mask,
+            ts=ts,
+            entities=tuple(e for _, e in placed),
+            slots=np.fromiter((s for s, _ in placed), dtype=np.int64, count=len(placed)),
+        )

@@ -1,0 +1,76 @@
+"""Exceptions raised by streamer.
+
+One base class, one subclass per area, so callers can catch as broadly or as narrowly
+as they need::
+
+    StreamerError
+    ├── ConfigError      invalid configuration (names the offending field)
+    ├── EventError       an input event breaks the contract (carries a machine-readable reason)
+    ├── CapacityError    no slot is left for a new entity
+    └── ModelError       shapes or weights do not fit the configured model
+
+Messages quote identifiers (`entity "AAPL" has 7 features, expected 5`) so a log line is
+enough to find the culprit.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class StreamerError(Exception):
+    """Base class of every error streamer raises on purpose."""
+
+
+class ConfigError(StreamerError):
+    """The configuration is invalid; `field` is the dotted name of the offending key."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(f"config {field}: {message}")
+
+
+class Reason(StrEnum):
+    """Why an event was refused. The value is what a dead-letter header carries."""
+
+    UNDECODABLE = "undecodable"
+    TOO_LARGE = "too_large"
+    NOT_AN_OBJECT = "not_an_object"
+    MISSING_FIELD = "missing_field"
+    UNKNOWN_FIELD = "unknown_field"
+    WRONG_TYPE = "wrong_type"
+    FEATURE_COUNT = "feature_count"
+    UNKNOWN_FEATURE = "unknown_feature"
+    NON_FINITE = "non_finite"
+    BAD_ENTITY = "bad_entity"
+    TS_TOO_OLD = "ts_too_old"
+    TS_IN_FUTURE = "ts_in_future"
+    TS_TOO_FAR_AHEAD = "ts_too_far_ahead"
+    NON_POSITIVE_TARGET = "non_positive_target"
+    CAPACITY = "capacity"
+    LATE = "late"
+
+
+class EventError(StreamerError):
+    """An event breaks the input contract. It must never reach a state."""
+
+    def __init__(self, reason: Reason, message: str, entity: str | None = None) -> None:
+        self.reason = reason
+        self.entity = entity
+        super().__init__(message)
+
+
+class CapacityError(StreamerError):
+    """Every slot up to `capacity.max_entities` is taken."""
+
+    def __init__(self, entity: str, max_entities: int) -> None:
+        self.entity = entity
+        self.max_entities = max_entities
+        super().__init__(
+            f'no free slot for entity "{entity}": all {max_entities} slots are taken '
+            "(raise capacity.max_entities or enable idle eviction)"
+        )
+
+
+class ModelError(StreamerError):
+    """Arrays, shapes or weights do not fit the configured model."""

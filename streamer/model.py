@@ -1,0 +1,309 @@
+"""The stateful LSTM with explicit per-slot states, advanced one step at a time.
+
+Keras 3 layers own the weights (`keras.layers.LSTM` + `keras.layers.Dense`), so the same
+weights serve a whole-window Keras call (training, cuDNN on a GPU) and this module's
+hand-written single-step kernel (inference). The recurrent state does not live inside a
+`stateful=True` layer: it is a bank of `tf.Variable`s of shape [capacity, ...], one row per
+slot, because streamer must checkpoint, restore, reset and grow single rows, which a Keras
+stateful layer cannot do (its `reset_state()` zeroes every row, and every call moves it).
+
+One step does, for every row at once and in one XLA-compiled call:
+
+1. target transform (none / diff / log_return) against the row's previous raw target;
+2. per-row online normalisation (Welford running mean/variance) of the transformed inputs;
+3. the LSTM layers (Keras gate order i, f, c, o) and a Dense head giving the next `horizon`
+   target values in normalised units, turned back into the target's transformed units.
+
+A row is *valid* in a step when its entity reported and, for diff/log_return, a previous
+value exists. Rows that are not valid keep every state tensor and statistic bit for bit.
+Forecasts come from a direct multi-output head, so a multi-step horizon never iterates the
+recurrence and cannot disturb the live state.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from .config import Config  # noqa: E402
+from .errors import ModelError  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+# Added to the running variance before the square root; small enough for log-returns
+# (variance ~1e-8), large enough to keep a constant feature finite.
+VARIANCE_EPSILON = 1e-12
+
+
+class StateBank:
+    """Named per-slot float32 tensors of shape [capacity, *row_shape], one row per slot."""
+
+    def __init__(self, row_shapes: Mapping[str, tuple[int, ...]], capacity: int) -> None:
+        self._row_shapes = dict(row_shapes)
+        self._capacity = 0
+        self.vars: dict[str, tf.Variable] = {}
+        self.grow(capacity)
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    @property
+    def row_shapes(self) -> dict[str, tuple[int, ...]]:
+        return dict(self._row_shapes)
+
+    def grow(self, capacity: int) -> None:
+        """Append zero rows up to `capacity`; existing rows are copied unchanged."""
+        if capacity < self._capacity:
+            raise ModelError(f"cannot shrink the state bank from {self._capacity} to {capacity}")
+        if capacity == self._capacity:
+            return
+        new_vars = {}
+        for name, shape in self._row_shapes.items():
+            fresh = tf.zeros((capacity - self._capacity, *shape), dtype=tf.float32)
+            if name in self.vars:
+                fresh = tf.concat([self.vars[name].read_value(), fresh], axis=0)
+            new_vars[name] = tf.Variable(fresh, trainable=False, name=name)
+        self.vars = new_vars
+        self._capacity = capacity
+
+    def read_rows(self, slots: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
+        idx = tf.constant(np.asarray(slots, dtype=np.int64))
+        return {name: tf.gather(v, idx).numpy() for name, v in self.vars.items()}
+
+    def write_rows(self, slots: Sequence[int] | np.ndarray, rows: Mapping[str, np.ndarray]) -> None:
+        slots = np.asarray(slots, dtype=np.int64)
+        if set(rows) != set(self.vars):
+            raise ModelError(f"state rows name {sorted(rows)}, expected {sorted(self.vars)}")
+        idx = tf.constant(slots[:, None])
+        for name, v in self.vars.items():
+            value = np.asarray(rows[name], dtype=np.float32)
+            expected = (len(slots), *self._row_shapes[name])
+            if value.shape != expected:
+                raise ModelError(f'state "{name}" has shape {value.shape}, expected {expected}')
+            v.scatter_nd_update(idx, value)
+
+    def reset_rows(self, slots: Sequence[int] | np.ndarray) -> None:
+        slots = np.asarray(slots, dtype=np.int64)
+        self.write_rows(
+            slots,
+            {n: np.zeros((len(slots), *s), np.float32) for n, s in self._row_shapes.items()},
+        )
+
+    def numpy(self) -> dict[str, np.ndarray]:
+        return {name: v.numpy() for name, v in self.vars.items()}
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """Host-side result of one model step (all rows)."""
+
+    forecasts: np.ndarray  # float32 [capacity, horizon], target's transformed units
+    valid: np.ndarray  # bool [capacity]: row advanced in this step
+
+
+class StatefulLSTM:
+    """Keras-owned weights + explicit per-slot states + one compiled step per capacity."""
+
+    def __init__(self, config: Config, capacity: int) -> None:
+        self._stream = config.stream
+        self._cfg = config.model
+        self.n_features = len(self._stream.features)
+        self.horizon = self._cfg.horizon
+        self._target = self._stream.target_index
+        self._transform = self._stream.target_transform
+        seed = self._cfg.seed
+        self.lstm_layers: list[keras.layers.LSTM] = []
+        in_dim = self.n_features
+        for i, units in enumerate(self._cfg.units):
+            # These arguments keep Keras on the cuDNN kernel when a GPU is present.
+            layer = keras.layers.LSTM(
+                units,
+                activation="tanh",
+                recurrent_activation="sigmoid",
+                use_bias=True,
+                unit_forget_bias=True,
+                dropout=0.0,
+                recurrent_dropout=0.0,
+                unroll=False,
+                return_sequences=True,
+                return_state=True,
+                kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 101 * i),
+                recurrent_initializer=keras.initializers.Orthogonal(seed=seed + 101 * i + 1),
+                name=f"lstm_{i}",
+            )
+            layer.build((None, None, in_dim))
+            self.lstm_layers.append(layer)
+            in_dim = units
+        self.head = keras.layers.Dense(
+            self.horizon,
+            kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 7919),
+            name="head",
+        )
+        self.head.build((None, in_dim))
+        self.bank = StateBank(self._row_shapes(), capacity)
+        self._step_fn = self._compile()
+
+    # ---------------------------------------------------------------- public API
+
+    @property
+    def capacity(self) -> int:
+        return self.bank.capacity
+
+    @property
+    def weights(self) -> list[keras.Variable]:
+        out: list[keras.Variable] = []
+        for layer in self.lstm_layers:
+            out.extend(layer.weights)
+        out.extend(self.head.weights)
+        return out
+
+    def get_weights(self) -> list[np.ndarray]:
+        return [np.asarray(w.numpy()) for w in self.weights]
+
+    def set_weights(self, values: Sequence[np.ndarray]) -> None:
+        ws = self.weights
+        if len(values) != len(ws):
+            raise ModelError(f"got {len(values)} weight arrays, expected {len(ws)}")
+        for w, v in zip(ws, values, strict=True):
+            if tuple(v.shape) != tuple(w.shape):
+                raise ModelError(f'weight "{w.path}" has shape {v.shape}, expected {w.shape}')
+            w.assign(np.asarray(v, dtype=np.float32))
+
+    def step(self, x: np.ndarray, mask: np.ndarray) -> StepOutput:
+        """Advance every row by one step; rows with mask False keep their state bit for bit."""
+        cap = self.capacity
+        if x.shape != (cap, self.n_features):
+            raise ModelError(f"step input has shape {x.shape}, expected {(cap, self.n_features)}")
+        if mask.shape != (cap,):
+            raise ModelError(f"step mask has shape {mask.shape}, expected {(cap,)}")
+        packed = np.empty((cap, self.n_features + 1), dtype=np.float32)
+        packed[:, : self.n_features] = x
+        packed[:, self.n_features] = mask
+        out = self._step_fn(tf.constant(packed)).numpy()
+        return StepOutput(forecasts=out[:, : self.horizon], valid=out[:, self.horizon] > 0.5)
+
+    def grow(self, capacity: int) -> None:
+        """Add rows (zero state) up to `capacity`; existing rows are untouched."""
+        if capacity != self.capacity:
+            self.bank.grow(capacity)
+            self._step_fn = self._compile()
+
+    def reset_rows(self, slots: Sequence[int] | np.ndarray) -> None:
+        """Forget everything about these rows (state, statistics, previous value)."""
+        self.bank.reset_rows(slots)
+
+    def states(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(h, c) of every layer, [capacity, units] each."""
+        v = self.bank.vars
+        return [(v[f"h{i}"].numpy(), v[f"c{i}"].numpy()) for i in range(len(self.lstm_layers))]
+
+    def reference_model(self, batch_size: int) -> keras.Model:
+        """A Keras `stateful=True` model with these weights (the seed's setup), for checks.
+
+        It takes the normalised, transformed inputs [batch, 1, features] and masks rows whose
+        features all equal `MASK_VALUE`.
+        """
+        inp = keras.Input(batch_shape=(batch_size, 1, self.n_features))
+        h = keras.layers.Masking(mask_value=MASK_VALUE)(inp)
+        n = len(self.lstm_layers)
+        for i, layer in enumerate(self.lstm_layers):
+            h = keras.layers.LSTM(
+                layer.units, stateful=True, return_sequences=i < n - 1, name=f"ref_lstm_{i}"
+            )(h)
+        out = keras.layers.Dense(self.horizon, name="ref_head")(h)
+        model = keras.Model(inp, out)
+        model.set_weights(self.get_weights())
+        return model
+
+    # ---------------------------------------------------------------- internals
+
+    def _row_shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes: dict[str, tuple[int, ...]] = {}
+        for i, units in enumerate(self._cfg.units):
+            shapes[f"h{i}"] = (units,)
+            shapes[f"c{i}"] = (units,)
+        if self._cfg.normalize:
+            shapes["norm_count"] = (1,)
+            shapes["norm_mean"] = (self.n_features,)
+            shapes["norm_m2"] = (self.n_features,)
+        if self._transform != "none":
+            shapes["prev_target"] = (1,)
+            shapes["has_prev"] = (1,)
+        return shapes
+
+    def _compile(self) -> tf.types.experimental.ConcreteFunction:
+        spec = tf.TensorSpec((self.capacity, self.n_features + 1), tf.float32)
+        fn = tf.function(self._step_graph, jit_compile=self._cfg.jit, reduce_retracing=True)
+        # Calling the concrete function directly skips tf.function's argument dispatch,
+        # which costs more than the whole step at a few hundred rows.
+        return fn.get_concrete_function(spec)
+
+    def _step_graph(self, packed: tf.Tensor) -> tf.Tensor:
+        v = self.bank.vars
+        f = self.n_features
+        x = packed[:, :f]
+        present = packed[:, f : f + 1] > 0.5  # [cap, 1]
+        valid = present
+        if self._transform != "none":
+            t = self._target
+            raw = x[:, t : t + 1]
+            prev = v["prev_target"].read_value()
+            has_prev = v["has_prev"].read_value() > 0.5
+            if self._transform == "diff":
+                changed = raw - prev
+            else:  # log_return; the parser guarantees raw > 0, prev is a past raw value
+                safe_prev = tf.where(has_prev, prev, tf.ones_like(prev))
+                changed = tf.math.log(raw) - tf.math.log(safe_prev)
+            valid = tf.logical_and(present, has_prev)
+            changed = tf.where(valid, changed, tf.zeros_like(changed))
+            x = tf.concat([x[:, :t], changed, x[:, t + 1 :]], axis=1)
+            v["prev_target"].assign(tf.where(present, raw, prev))
+            v["has_prev"].assign(tf.where(present, tf.ones_like(prev), v["has_prev"]))
+        if self._cfg.normalize:
+            count = v["norm_count"].read_value()
+            mean = v["norm_mean"].read_value()
+            m2 = v["norm_m2"].read_value()
+            new_count = tf.where(valid, count + 1.0, count)
+            delta = x - mean
+            new_mean = tf.where(valid, mean + delta / tf.maximum(new_count, 1.0), mean)
+            new_m2 = tf.where(valid, m2 + delta * (x - new_mean), m2)
+            std = tf.sqrt(new_m2 / tf.maximum(new_count, 1.0) + VARIANCE_EPSILON)
+            clip = self._cfg.clip
+            h_in = tf.clip_by_value((x - new_mean) / std, -clip, clip)
+            v["norm_count"].assign(new_count)
+            v["norm_mean"].assign(new_mean)
+            v["norm_m2"].assign(new_m2)
+        else:
+            h_in = x
+        for i, layer in enumerate(self.lstm_layers):
+            cell = layer.cell
+            h = v[f"h{i}"].read_value()
+            c = v[f"c{i}"].read_value()
+            kernel = tf.concat([cell.kernel.value, cell.recurrent_kernel.value], axis=0)
+            z = tf.matmul(tf.concat([h_in, h], axis=1), kernel) + cell.bias.value
+            zi, zf, zc, zo = tf.split(z, 4, axis=1)
+            new_c = tf.sigmoid(zf) * c + tf.sigmoid(zi) * tf.tanh(zc)
+            new_h = tf.sigmoid(zo) * tf.tanh(new_c)
+            new_h = tf.where(valid, new_h, h)
+            new_c = tf.where(valid, new_c, c)
+            v[f"h{i}"].assign(new_h)
+            v[f"c{i}"].assign(new_c)
+            h_in = new_h
+        y = tf.matmul(h_in, self.head.kernel.value) + self.head.bias.value
+        if self._cfg.normalize:
+            t = self._target
+            y = y * std[:, t : t + 1] + new_mean[:, t : t + 1]
+        return tf.concat([y, tf.cast(valid, tf.float32)], axis=1)
+
+
+# Feature value that marks a masked row for `StatefulLSTM.reference_model`.
+MASK_VALUE = -1.0e9
