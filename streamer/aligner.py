@@ -2,13 +2,29 @@
 
 `step = floor(ts / interval)`. A step closes, strictly in step order, when every active
 entity has reported for it or when the watermark (max event time seen minus
-`allowed_lateness`) passes the step's end. A closed step becomes a `Batch`: X[capacity,
-features] with the row of each entity at its registry slot, and a mask that is False for
-entities without an event in that step.
+`allowed_lateness`) passes the step's end. "Active" means registered in the slot registry.
+Before the first step has closed the set of entities is not known yet (at a cold start the
+first event alone would look "complete"), so the first step closes by watermark only.
+
+The watermark is per source partition (as in Flink): the engine names the partitions that
+still hold unread data (`set_watermark_partitions`), and the watermark is the smallest of
+their newest event times, so a step does not close while a partition that is behind may still
+hold events for it. Whether an event is late then depends only on its own partition's order,
+not on how the consumer happens to interleave partitions; replays after a crash close the
+same steps with the same events.
+
+A closed step becomes a `Batch`: X[capacity, features] with the row of each entity at its
+registry slot, and a mask that is False for entities without an event in that step.
 
 Within an open step, a second event for the same entity replaces the first (counted as a
-duplicate). An event for a step at or before the last closed step is late: it is counted and
-reported to the caller, never applied.
+duplicate), or is dropped under `stream.duplicates = "first"`. An event for a step at or
+before the last closed step is late: it is counted and reported to the caller, never applied.
+
+Determinism: with a known entity set, the batches do not depend on how the events of
+different entities interleave (each entity's own events keep their order, as one Kafka
+partition keeps them). Under "replace", a duplicate that arrives after its step closed is
+late instead of replacing, so with duplicates the outcome depends on arrival order; "first"
+removes that dependence.
 """
 
 from __future__ import annotations
@@ -28,6 +44,8 @@ from .registry import SlotRegistry
 class AddStatus(StrEnum):
     ACCEPTED = "accepted"
     REPLACED = "replaced"  # a duplicate (entity, step): the newer event replaced the older
+    DUPLICATE = "duplicate"  # a duplicate (entity, step) dropped under duplicates = "first"
+    REPLAYED = "replayed"  # at or before the entity's last applied step: skipped (idempotence)
     LATE = "late"  # its step already closed; not applied
 
 
@@ -48,11 +66,14 @@ class StepAligner:
         self._interval = config.interval
         self._lateness = config.allowed_lateness
         self._max_jump = config.max_step_jump
+        self._keep_first = config.duplicates == "first"
         self._n_features = len(config.features)
         self._registry = registry
         self._open: dict[int, dict[str, Event]] = {}
         self._last_closed: int | None = None
         self._max_ts = -math.inf
+        self._partition_max_ts: dict[int, float] = {}
+        self._watermark_partitions: frozenset[int] = frozenset()
         self.duplicates = 0
         self.late = 0
 
@@ -62,7 +83,15 @@ class StepAligner:
 
     @property
     def watermark(self) -> float:
-        return self._max_ts - self._lateness
+        if self._watermark_partitions:
+            newest = min(self._partition_max_ts.get(p, -math.inf) for p in self._watermark_partitions)
+        else:
+            newest = self._max_ts
+        return newest - self._lateness
+
+    def set_watermark_partitions(self, partitions: set[int] | frozenset[int]) -> None:
+        """Partitions that may still hold older events (not caught up); empty: all are."""
+        self._watermark_partitions = frozenset(partitions)
 
     @property
     def open_steps(self) -> list[int]:
@@ -72,11 +101,22 @@ class StepAligner:
         """Entities with an event waiting in an open step (must not be evicted)."""
         return {e for bucket in self._open.values() for e in bucket}
 
+    def drop_entities(self, entities: set[str]) -> int:
+        """Forget buffered events of these entities (their partition moved away)."""
+        dropped = 0
+        for bucket in self._open.values():
+            for entity in entities & bucket.keys():
+                del bucket[entity]
+                dropped += 1
+        for step in [s for s, b in self._open.items() if not b]:
+            del self._open[step]
+        return dropped
+
     def resume_after(self, step: int | None) -> None:
         """Treat every step up to `step` as closed (restart from a checkpoint)."""
         self._last_closed = step
 
-    def add(self, event: Event) -> AddStatus:
+    def add(self, event: Event, partition: int = 0) -> AddStatus:
         """Buffer `event` in its step. Raises EventError/CapacityError for refused events."""
         step = step_of(event.ts, self._interval)
         if self._last_closed is not None and step <= self._last_closed:
@@ -93,22 +133,32 @@ class StepAligner:
                 )
         self._registry.assign(event.entity)
         bucket = self._open.setdefault(step, {})
-        status = AddStatus.REPLACED if event.entity in bucket else AddStatus.ACCEPTED
-        if status is AddStatus.REPLACED:
+        status = AddStatus.ACCEPTED
+        if event.entity in bucket:
             self.duplicates += 1
+            if self._keep_first:
+                return AddStatus.DUPLICATE
+            status = AddStatus.REPLACED
         bucket[event.entity] = event
         if event.ts > self._max_ts:
             self._max_ts = event.ts
+        if event.ts > self._partition_max_ts.get(partition, -math.inf):
+            self._partition_max_ts[partition] = event.ts
         return status
 
     def close_ready(self) -> list[Batch]:
         """Close, in step order, every step that is complete or behind the watermark."""
         out = []
         watermark = self.watermark
+        # The step the watermark is in; every step before it is over. Integer steps (not
+        # `watermark >= (step + 1) * interval`) keep this consistent with `step_of`.
+        watermark_step = step_of(watermark, self._interval) if watermark > -math.inf else None
         while self._open:
             step = min(self._open)
-            complete = len(self._open[step]) >= len(self._registry)
-            if complete or watermark >= (step + 1) * self._interval:
+            complete = self._last_closed is not None and len(self._open[step]) >= len(
+                self._registry
+            )
+            if complete or (watermark_step is not None and watermark_step > step):
                 out.append(self._close(step))
             else:
                 break

@@ -27,7 +27,6 @@ ENV_PREFIX = "STREAMER_"
 
 DEFAULT_FEATURES = ("price", "signal")
 DEFAULT_TARGET = "price"
-DEFAULT_TARGET_TRANSFORM = "log_return"
 DEFAULT_INTERVAL_S = 1.0
 DEFAULT_ENTITY_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._:/\-]{0,127}"
 # 2000-01-01T00:00:00Z: older timestamps are almost always a unit error (ms vs s, or 0).
@@ -40,6 +39,8 @@ DEFAULT_INITIAL_CAPACITY = 64
 DEFAULT_MAX_ENTITIES = 100_000
 
 TargetTransform = Literal["none", "diff", "log_return"]
+DEFAULT_TARGET_TRANSFORM: TargetTransform = "log_return"
+DuplicatePolicy = Literal["replace", "first"]
 
 
 @dataclass(frozen=True)
@@ -51,8 +52,14 @@ class StreamConfig:
     target_transform: TargetTransform = DEFAULT_TARGET_TRANSFORM
     interval: float = DEFAULT_INTERVAL_S
     allowed_lateness: float = 0.0
+    # A second event for the same (entity, step) before the step closes: "replace" keeps the
+    # newer one (a producer's correction); "first" keeps the older one, which makes batches
+    # independent of how partitions interleave even when duplicates exist.
+    duplicates: DuplicatePolicy = "replace"
     entity_pattern: str = DEFAULT_ENTITY_PATTERN
     min_event_time: float = DEFAULT_MIN_EVENT_TIME
+    # Seconds an event time may lie ahead of the wall clock; 0 turns the check off (replays
+    # of recorded data with a skewed clock).
     max_future: float = DEFAULT_MAX_FUTURE_S
     max_step_jump: int = DEFAULT_MAX_STEP_JUMP
 
@@ -123,6 +130,73 @@ class CapacityConfig:
             raise ConfigError("capacity.growth", f"must be > 1, got {self.growth}")
 
 
+DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_INPUT_TOPIC = "events"
+DEFAULT_OUTPUT_TOPIC = "forecasts"
+DEFAULT_GROUP = "streamer"
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024
+
+Encoding = Literal["json", "binary"]
+
+
+@dataclass(frozen=True)
+class KafkaConfig:
+    """Where events come from and forecasts go."""
+
+    bootstrap: str = DEFAULT_BOOTSTRAP
+    input_topic: str = DEFAULT_INPUT_TOPIC
+    output_topic: str = DEFAULT_OUTPUT_TOPIC
+    # Empty: "<input_topic>.dlq".
+    dlq_topic: str = ""
+    group: str = DEFAULT_GROUP
+    # Partitions of topics streamer creates when they are missing.
+    partitions: int = 4
+    encoding: Encoding = "json"
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    session_timeout_ms: int = 10_000
+    max_poll_interval_ms: int = 300_000
+    max_poll_records: int = 5_000
+    poll_timeout_ms: int = 100
+
+    def __post_init__(self) -> None:
+        for name in ("input_topic", "output_topic", "group", "bootstrap"):
+            if not getattr(self, name):
+                raise ConfigError(f"kafka.{name}", "must not be empty")
+        for name in (
+            "partitions",
+            "max_message_bytes",
+            "max_poll_records",
+            "poll_timeout_ms",
+            "session_timeout_ms",
+            "max_poll_interval_ms",
+        ):
+            _positive(f"kafka.{name}", getattr(self, name))
+
+    @property
+    def dlq(self) -> str:
+        return self.dlq_topic or f"{self.input_topic}.dlq"
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    url: str = DEFAULT_REDIS_URL
+    # Key namespace; empty: the consumer group name.
+    namespace: str = ""
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """When states and positions are written (whichever comes first, and on stop)."""
+
+    every_steps: int = 50
+    every_seconds: float = 5.0
+
+    def __post_init__(self) -> None:
+        _positive("checkpoint.every_steps", self.every_steps)
+        _positive("checkpoint.every_seconds", self.every_seconds)
+
+
 @dataclass(frozen=True)
 class Config:
     """Everything streamer reads from its configuration, typed and validated."""
@@ -130,11 +204,16 @@ class Config:
     stream: StreamConfig = field(default_factory=StreamConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     capacity: CapacityConfig = field(default_factory=CapacityConfig)
+    kafka: KafkaConfig = field(default_factory=KafkaConfig)
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    @property
+    def namespace(self) -> str:
+        return self.redis.namespace or self.kafka.group
 
     @classmethod
-    def load(
-        cls, path: str | Path | None = None, env: Mapping[str, str] | None = None
-    ) -> Config:
+    def load(cls, path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
         """Read `path` (TOML; None for defaults only), then apply `STREAMER_*` overrides."""
         data: dict[str, Any] = {}
         if path is not None:
@@ -143,13 +222,18 @@ class Config:
                     data = tomllib.load(fh)
             except FileNotFoundError:
                 raise ConfigError("<file>", f"{path} does not exist") from None
-            except tomllib.TOMLDecodeError as exc:
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
                 raise ConfigError("<file>", f"{path} is not valid TOML: {exc}") from None
+            except OSError as exc:
+                raise ConfigError("<file>", f"{path} cannot be read: {exc}") from None
         env = os.environ if env is None else env
         for name, raw in env.items():
             if name.startswith(ENV_PREFIX):
                 section, key = _split_env_name(name)
-                data.setdefault(section, {})[key] = raw
+                table = data.setdefault(section, {})
+                if not isinstance(table, dict):
+                    raise ConfigError(section, "must be a table")
+                table[key] = raw
         return cls.from_dict(data)
 
     @classmethod
@@ -222,7 +306,16 @@ def _coerce(name: str, tp: Any, raw: Any) -> Any:
     if tp is bool:
         if isinstance(raw, bool):
             return raw
-        if isinstance(raw, str) and raw.lower() in {"1", "true", "yes", "on", "0", "false", "no", "off"}:
+        if isinstance(raw, str) and raw.lower() in {
+            "1",
+            "true",
+            "yes",
+            "on",
+            "0",
+            "false",
+            "no",
+            "off",
+        }:
             return raw.lower() in {"1", "true", "yes", "on"}
         raise ConfigError(name, f"expected true or false, got {raw!r}")
     if tp is int:
@@ -241,8 +334,8 @@ def _coerce(name: str, tp: Any, raw: Any) -> Any:
             raise ConfigError(name, f"expected a number, got {raw!r}")
         try:
             value = float(raw)
-        except (TypeError, ValueError):
-            raise ConfigError(name, f"expected a number, got {raw!r}") from None
+        except (TypeError, ValueError, OverflowError):
+            raise ConfigError(name, f"expected a finite number, got {raw!r}") from None
         if not math.isfinite(value):
             raise ConfigError(name, f"must be finite, got {raw!r}")
         return value

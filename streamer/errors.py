@@ -7,7 +7,12 @@ as they need::
     ├── ConfigError      invalid configuration (names the offending field)
     ├── EventError       an input event breaks the contract (carries a machine-readable reason)
     ├── CapacityError    no slot is left for a new entity
-    └── ModelError       shapes or weights do not fit the configured model
+    ├── ModelError       shapes or weights do not fit the configured model
+    ├── StateError       a stored state or checkpoint is invalid or cannot be read/written
+    │   └── FencedError  this engine no longer owns a partition it tried to write
+    ├── KafkaError       the broker cannot be reached or refused an operation
+    └── ServiceError     an embedded service (Kafka broker, Redis) cannot be found, started
+                         or reached (names the service, quotes the end of its log)
 
 Messages quote identifiers (`entity "AAPL" has 7 features, expected 5`) so a log line is
 enough to find the culprit.
@@ -74,3 +79,39 @@ class CapacityError(StreamerError):
 
 class ModelError(StreamerError):
     """Arrays, shapes or weights do not fit the configured model."""
+
+
+class ServiceError(StreamerError):
+    """An embedded service (area "services") cannot be found, started or reached.
+
+    `service` names it ("kafka", "redis"); `log_tail` holds the last lines of its log when
+    the process had started (empty otherwise) and is already quoted in the message.
+    """
+
+    def __init__(self, service: str, message: str, log_tail: str = "") -> None:
+        self.service = service
+        self.log_tail = log_tail
+        text = f"{service}: {message}"
+        if log_tail:
+            text += f"\n--- last lines of the {service} log ---\n{log_tail}"
+        super().__init__(text)
+
+
+class StateError(StreamerError):
+    """A stored state or checkpoint is invalid, or the state store cannot be used."""
+
+
+class FencedError(StateError):
+    """A checkpoint was refused because another engine now owns one of its partitions."""
+
+    def __init__(self, topic: str, partition: int, token: int, current: int) -> None:
+        self.topic = topic
+        self.partition = partition
+        super().__init__(
+            f'partition {partition} of "{topic}" is owned by generation {current}, '
+            f"this engine holds {token}: it was revoked, its write is refused"
+        )
+
+
+class KafkaError(StreamerError):
+    """The Kafka broker cannot be reached or refused an operation."""

@@ -38,7 +38,11 @@ class Event:
 
 
 def step_of(ts: float, interval: float) -> int:
-    """The step an event time falls in: floor(ts / interval)."""
+    """The step an event time falls in: floor(ts / interval).
+
+    Steps are compared as integers everywhere (never `ts` against `step * interval`), so the
+    float rounding of the division cannot put an event and its step's end on two sides.
+    """
     return math.floor(ts / interval)
 
 
@@ -67,17 +71,13 @@ class EventParser:
             )
         missing = FIELDS - obj.keys()
         if missing:
-            raise EventError(
-                Reason.MISSING_FIELD,
-                f"event lacks {sorted(missing)}",
-                _entity_or_none(obj.get("entity")),
-            )
+            who = _entity_or_none(obj.get("entity"))
+            raise EventError(Reason.MISSING_FIELD, f"{_quote(who)}lacks {sorted(missing)}", who)
         extra = obj.keys() - FIELDS
         if extra:
+            who = _entity_or_none(obj.get("entity"))
             raise EventError(
-                Reason.UNKNOWN_FIELD,
-                f"event has unknown fields {sorted(map(str, extra))}",
-                _entity_or_none(obj.get("entity")),
+                Reason.UNKNOWN_FIELD, f"{_quote(who)}has unknown fields {sorted(map(str, extra))}", who
             )
         entity = self._entity(obj["entity"])
         ts = self._ts(obj["ts"], entity)
@@ -103,7 +103,7 @@ class EventParser:
                 f'entity "{entity}": ts must be a number, got {type(raw).__name__}',
                 entity,
             )
-        ts = float(raw)
+        ts = _to_float(raw)
         if not math.isfinite(ts):
             raise EventError(Reason.NON_FINITE, f'entity "{entity}": ts is {raw}', entity)
         if ts < self._min_ts:
@@ -134,8 +134,7 @@ class EventParser:
                 missing = [f for f in self._features if f not in raw]
                 raise EventError(
                     Reason.FEATURE_COUNT,
-                    f'entity "{entity}" has {len(raw)} features, expected {n} '
-                    f"(missing {missing})",
+                    f'entity "{entity}" has {len(raw)} features, expected {n} (missing {missing})',
                     entity,
                 )
             items = [raw[name] for name in self._features]
@@ -150,8 +149,7 @@ class EventParser:
         else:
             raise EventError(
                 Reason.WRONG_TYPE,
-                f'entity "{entity}": values must be an object or a list, '
-                f"got {type(raw).__name__}",
+                f'entity "{entity}": values must be an object or a list, got {type(raw).__name__}',
                 entity,
             )
         out = []
@@ -163,7 +161,7 @@ class EventParser:
                     f"got {type(item).__name__}",
                     entity,
                 )
-            value = float(item)
+            value = _to_float(item)
             if not math.isfinite(value) or abs(value) > _FLOAT32_MAX:
                 raise EventError(
                     Reason.NON_FINITE,
@@ -182,5 +180,17 @@ class EventParser:
         return tuple(out)
 
 
+def _to_float(raw: int | float) -> float:
+    """float(raw), with integers too large for a float becoming inf (refused as non-finite)."""
+    try:
+        return float(raw)
+    except OverflowError:
+        return math.inf
+
+
 def _entity_or_none(raw: Any) -> str | None:
     return raw if isinstance(raw, str) and len(raw) <= 256 else None
+
+
+def _quote(entity: str | None) -> str:
+    return f'event of entity "{entity}" ' if entity is not None else "event "

@@ -17,9 +17,10 @@ import numpy as np
 from .aligner import AddStatus, Batch, StepAligner
 from .config import Config
 from .errors import CapacityError, EventError, Reason
-from .events import Event, EventParser
+from .events import Event, EventParser, step_of
 from .model import StatefulLSTM
 from .registry import SlotRegistry
+from .state.format import NO_STEP, RowLayout
 
 
 @dataclass(frozen=True)
@@ -51,13 +52,35 @@ class Forecaster:
         self.model = StatefulLSTM(config, self.registry.capacity)
         self._target = config.stream.target_index
         self._transform = config.stream.target_transform
+        self._interval = config.stream.interval
+        # Last step applied to each slot's state (idempotent replay); NO_STEP if none.
+        self.last_step = np.full(self.registry.capacity, NO_STEP, dtype=np.int64)
+        # Slots whose state changed since the last `take_dirty()` (incremental checkpoints).
+        self._dirty: set[int] = set()
+        self.replayed = 0
 
-    def ingest(self, event: Event | Mapping[str, Any]) -> AddStatus:
-        """Validate and buffer one event. Raises EventError (with a reason) if refused."""
+    @property
+    def layout(self) -> RowLayout:
+        return RowLayout.from_shapes(self.model.bank.row_shapes)
+
+    def ingest(self, event: Event | Mapping[str, Any], partition: int = 0) -> AddStatus:
+        """Validate and buffer one event. Raises EventError (with a reason) if refused.
+
+        An event at or before its entity's last applied step is skipped (REPLAYED): after a
+        restart from a checkpoint the same events come again and must not apply twice.
+        """
         if not isinstance(event, Event):
             event = self.parser.parse(event)
+        slot = self.registry.slot_of(event.entity)
+        if (
+            slot is not None
+            and slot < len(self.last_step)  # slots beyond it were added since the last step
+            and step_of(event.ts, self._interval) <= self.last_step[slot]
+        ):
+            self.replayed += 1
+            return AddStatus.REPLAYED
         try:
-            return self.aligner.add(event)
+            return self.aligner.add(event, partition)
         except CapacityError as exc:
             raise EventError(Reason.CAPACITY, str(exc), event.entity) from exc
 
@@ -70,8 +93,7 @@ class Forecaster:
         return [self.apply(batch) for batch in self.aligner.flush()]
 
     def apply(self, batch: Batch) -> StepResult:
-        if self.registry.capacity > self.model.capacity:
-            self.model.grow(self.registry.capacity)
+        self._sync_capacity()
         x, mask = batch.x, batch.mask
         if x.shape[0] < self.model.capacity:  # batch closed before a growth
             pad = self.model.capacity - x.shape[0]
@@ -79,6 +101,8 @@ class Forecaster:
             mask = np.pad(mask, (0, pad))
         out = self.model.step(x, mask)
         rows = batch.slots
+        self.last_step[rows] = batch.step
+        self._dirty.update(rows.tolist())
         forecasts = out.forecasts[rows]
         return StepResult(
             step=batch.step,
@@ -96,6 +120,49 @@ class Forecaster:
         if slot is None:
             raise KeyError(entity)
         self.model.reset_rows([slot])
+        self.last_step[slot] = NO_STEP
+        self._dirty.add(slot)
+
+    def remove_entities(self, entities: set[str]) -> None:
+        """Free the slots of these entities (partition revoked, or evicted after a checkpoint).
+
+        Their buffered events are dropped; their rows are zeroed for the next occupant.
+        """
+        self.aligner.drop_entities(entities)
+        slots = [self.registry.remove(e) for e in entities if e in self.registry]
+        if slots:
+            self.model.reset_rows(slots)
+            self.last_step[slots] = NO_STEP
+            self._dirty.difference_update(slots)
+
+    def take_dirty(self) -> list[int]:
+        """Slots changed since the last call, ascending; clears the set."""
+        dirty = sorted(s for s in self._dirty if self.registry.entity_at(s) is not None)
+        self._dirty.clear()
+        return dirty
+
+    def export_rows(self, slots: list[int]) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """(entities, state rows [n, layout.size], last steps) of these slots."""
+        entities = [self.registry.entity_at(s) or "" for s in slots]
+        rows = self.layout.flatten(self.model.bank.read_rows(slots))
+        return entities, rows, self.last_step[slots].copy()
+
+    def restore_rows(self, entities: list[str], rows: np.ndarray, last_steps: np.ndarray) -> None:
+        """Put checkpointed rows back: each entity gets a slot and exactly its stored state."""
+        slots = [self.registry.assign(e) for e in entities]
+        self._sync_capacity()
+        if slots:
+            self.model.bank.write_rows(slots, self.layout.unflatten(rows))
+            self.last_step[slots] = last_steps
+
+    def _sync_capacity(self) -> None:
+        cap = self.registry.capacity
+        if cap > self.model.capacity:
+            self.model.grow(cap)
+        if cap > len(self.last_step):
+            grown = np.full(cap, NO_STEP, dtype=np.int64)
+            grown[: len(self.last_step)] = self.last_step
+            self.last_step = grown
 
     def _levels(self, last: np.ndarray, forecasts: np.ndarray) -> np.ndarray:
         if self._transform == "none":

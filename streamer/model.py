@@ -29,12 +29,12 @@ from dataclasses import dataclass
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import keras
+import numpy as np
+import tensorflow as tf
 
-from .config import Config  # noqa: E402
-from .errors import ModelError  # noqa: E402
+from .config import Config
+from .errors import ModelError
 
 log = logging.getLogger(__name__)
 
@@ -206,14 +206,14 @@ class StatefulLSTM:
         v = self.bank.vars
         return [(v[f"h{i}"].numpy(), v[f"c{i}"].numpy()) for i in range(len(self.lstm_layers))]
 
-    def reference_model(self, batch_size: int) -> keras.Model:
+    def reference_model(self, batch_size: int, masking: bool = True) -> keras.Model:
         """A Keras `stateful=True` model with these weights (the seed's setup), for checks.
 
-        It takes the normalised, transformed inputs [batch, 1, features] and masks rows whose
-        features all equal `MASK_VALUE`.
+        It takes the normalised, transformed inputs [batch, 1, features]; with `masking` it
+        masks rows whose features all equal `MASK_VALUE`.
         """
         inp = keras.Input(batch_shape=(batch_size, 1, self.n_features))
-        h = keras.layers.Masking(mask_value=MASK_VALUE)(inp)
+        h = keras.layers.Masking(mask_value=MASK_VALUE)(inp) if masking else inp
         n = len(self.lstm_layers)
         for i, layer in enumerate(self.lstm_layers):
             h = keras.layers.LSTM(

@@ -76,9 +76,10 @@ class SlotRegistry:
         """Rebuild from a checkpoint: exactly these entity -> slot pairs at this capacity."""
         if capacity > self._max or capacity < 1:
             raise CapacityError("<restore>", self._max)
-        if len(set(assignments.values())) != len(assignments) or any(
-            not 0 <= s < capacity for s in assignments.values()
-        ):
+        slots = list(assignments.values())
+        if any(isinstance(s, bool) or not isinstance(s, int) for s in slots):
+            raise ValueError("slot assignments must be integers")
+        if len(set(slots)) != len(slots) or any(not 0 <= s < capacity for s in slots):
             raise ValueError("slot assignments overlap or fall outside the capacity")
         self._capacity = capacity
         self._slot_of = dict(assignments)
