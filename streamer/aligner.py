@@ -84,7 +84,9 @@ class StepAligner:
     @property
     def watermark(self) -> float:
         if self._watermark_partitions:
-            newest = min(self._partition_max_ts.get(p, -math.inf) for p in self._watermark_partitions)
+            newest = min(
+                self._partition_max_ts.get(p, -math.inf) for p in self._watermark_partitions
+            )
         else:
             newest = self._max_ts
         return newest - self._lateness

@@ -155,7 +155,8 @@ class KafkaConfig:
     encoding: Encoding = "json"
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     session_timeout_ms: int = 10_000
-    max_poll_interval_ms: int = 300_000
+    # Also the rebalance timeout: how long a rejoin waits for a member that died silently.
+    max_poll_interval_ms: int = 60_000
     max_poll_records: int = 5_000
     poll_timeout_ms: int = 100
 

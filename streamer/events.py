@@ -77,7 +77,9 @@ class EventParser:
         if extra:
             who = _entity_or_none(obj.get("entity"))
             raise EventError(
-                Reason.UNKNOWN_FIELD, f"{_quote(who)}has unknown fields {sorted(map(str, extra))}", who
+                Reason.UNKNOWN_FIELD,
+                f"{_quote(who)}has unknown fields {sorted(map(str, extra))}",
+                who,
             )
         entity = self._entity(obj["entity"])
         ts = self._ts(obj["ts"], entity)

@@ -1,0 +1,177 @@
+"""The `streamer` command line. Exit codes: 0 ok, 1 runtime failure, 2 usage error."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from .config import Config
+from .errors import ConfigError, StreamerError
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="streamer", description=__doc__)
+    parser.add_argument("--config", help="TOML config file (STREAMER_* variables override it)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="the engine: consume events, publish forecasts")
+    run.add_argument("--max-steps", type=_positive_int, help="stop after this many steps")
+    run.add_argument(
+        "--idle-exit", type=float, metavar="SECONDS", help="stop after this long without input"
+    )
+
+    services = sub.add_parser(
+        "services", help="start the embedded Kafka-protocol broker and Redis until interrupted"
+    )
+    services.add_argument("--kafka-port", type=int, default=9092)
+    services.add_argument("--redis-port", type=int, default=6379)
+    services.add_argument("--workdir", help="logs (and Redis data with --persist) go here")
+    services.add_argument("--persist", action="store_true", help="Redis keeps its data on disk")
+
+    produce = sub.add_parser("produce", help="write events to the input topic")
+    produce_sub = produce.add_subparsers(dest="source", required=True)
+    syn = produce_sub.add_parser("synthetic", help="the synthetic market (features price, signal)")
+    syn.add_argument("--entities", type=_positive_int, default=400)
+    syn.add_argument("--steps", type=_positive_int, default=300)
+    syn.add_argument("--rate", type=float, help="events per second (default: as fast as possible)")
+    syn.add_argument("--seed", type=int, default=0)
+    syn.add_argument("--shift-at", type=int, help="step of a regime shift in the dynamics")
+    csv_p = produce_sub.add_parser("csv", help="replay a long-format CSV (entity, time, features)")
+    csv_p.add_argument("file")
+    csv_p.add_argument("--entity-column", default="entity")
+    csv_p.add_argument("--time-column", default="ts")
+    csv_p.add_argument(
+        "--rate", type=float, help="events per second (default: as fast as possible)"
+    )
+
+    demo = sub.add_parser("demo", help="stream a synthetic market through the core, in process")
+    demo.add_argument("--entities", type=_positive_int, default=400)
+    demo.add_argument("--steps", type=_positive_int, default=300)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--json", action="store_true", help="print the summary as JSON at the end")
+
+    bench = sub.add_parser("bench", help="benchmarks; each prints one JSON object")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    step = bench_sub.add_parser("step", help="one model step: engine vs Keras predict vs NumPy")
+    step.add_argument("--entities", type=_int_list, default=[400, 4000, 40000])
+    step.add_argument("--seed", type=int, default=0)
+    step.add_argument("--budget", type=float, default=3.0, help="seconds per measurement")
+    step.add_argument("--json", action="store_true", help="JSON only (default prints JSON too)")
+    e2e = bench_sub.add_parser("e2e", help="the engine end to end vs bare Kafka baselines")
+    e2e.add_argument("--entities", type=_positive_int, default=400)
+    e2e.add_argument("--steps", type=_positive_int, default=2000)
+    e2e.add_argument("--units", type=_positive_int, default=64)
+    e2e.add_argument("--seed", type=int, default=0)
+    e2e.add_argument("--json", action="store_true", help="JSON only (default prints JSON too)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not args.verbose:
+        logging.getLogger("kafka").setLevel(logging.WARNING)
+    try:
+        config = Config.load(args.config)
+    except ConfigError as exc:
+        print(f"streamer: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        if args.command == "run":
+            from .app import run_engine
+
+            stats = run_engine(config, max_steps=args.max_steps, idle_exit_s=args.idle_exit)
+            print(json.dumps(stats.summary()))
+            return EXIT_OK
+        if args.command == "services":
+            from .app import run_services
+
+            run_services(
+                kafka_port=args.kafka_port,
+                redis_port=args.redis_port,
+                workdir=args.workdir,
+                persist=args.persist,
+            )
+            return EXIT_OK
+        if args.command == "produce":
+            from .produce import produce_csv, produce_synthetic
+
+            if args.source == "synthetic":
+                n = produce_synthetic(
+                    config,
+                    entities=args.entities,
+                    steps=args.steps,
+                    seed=args.seed,
+                    rate=args.rate,
+                    shift_at=args.shift_at,
+                )
+            else:
+                n = produce_csv(
+                    config,
+                    args.file,
+                    entity_column=args.entity_column,
+                    time_column=args.time_column,
+                    rate=args.rate,
+                )
+            print(json.dumps({"produced": n, "topic": config.kafka.input_topic}))
+            return EXIT_OK
+        if args.command == "demo":
+            from .demo import run_demo
+
+            summary = run_demo(config, entities=args.entities, steps=args.steps, seed=args.seed)
+            if args.json:
+                print(json.dumps(summary))
+            return EXIT_OK
+        if args.command == "bench" and args.bench == "step":
+            from .benchmarks import step as bench_step
+
+            print(json.dumps(bench_step.run(args.entities, seed=args.seed, budget_s=args.budget)))
+            return EXIT_OK
+        if args.command == "bench" and args.bench == "e2e":
+            from .benchmarks import e2e as bench_e2e
+
+            result = bench_e2e.run(args.entities, args.steps, seed=args.seed, units=args.units)
+            print(json.dumps(result))
+            return EXIT_OK
+    except StreamerError as exc:
+        print(f"streamer: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print("streamer: interrupted", file=sys.stderr)
+        return 130
+    parser.error(f"unknown command {args.command!r}")
+    return EXIT_USAGE  # pragma: no cover

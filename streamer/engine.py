@@ -1,0 +1,385 @@
+"""The main job: Kafka in, forecasts out, states and positions checkpointed together.
+
+The loop (one thread; kafka-python calls the rebalance hooks from inside `poll`)::
+
+    poll -> decode -> validate -> skip replays -> align ──▶ step ──▶ publish forecasts
+                 └──── refused / late ──▶ dead-letter topic (reason + source in headers)
+    every N steps or T seconds, on revoke and on stop:
+        flush the producer, then write the changed rows, the positions and the step in one
+        fenced, atomic store operation; then commit offsets to Kafka (lag monitoring only)
+
+Positions. The position written for a partition is the offset of its oldest event still
+buffered in an open step (or the next offset to read when none is buffered): everything
+before it has been applied to a state or refused. A restart seeks there; events at or before
+an entity's last applied step are skipped (`AddStatus.REPLAYED`), so nothing applies twice.
+Forecasts of steps closed after the last checkpoint are published again after a crash:
+output is at-least-once, keyed by entity, and (entity, step) identifies a forecast.
+
+Recovery policy. A partition without a checkpoint in the store is read from its earliest
+retained offset (Kafka's committed offsets are ignored: the store is the source of truth). If
+a stored position fell out of Kafka's retention, the consumer resets to the earliest retained
+offset and the gap is logged; the states stay as checkpointed and move on from there.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+import numpy as np
+
+from .aligner import AddStatus
+from .codec import decode_event, encode_forecast
+from .config import Config
+from .errors import EventError, FencedError, KafkaError, Reason, StateError
+from .events import step_of
+from .forecaster import Forecaster, StepResult
+from .kafka_io import KafkaIO, Record
+from .state.store import Checkpoint, EntityState, StateStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineStats:
+    consumed: int = 0
+    applied: int = 0  # accepted into a step (incl. replacements)
+    duplicates: int = 0
+    replayed: int = 0
+    late: int = 0
+    dead_lettered: Counter[str] = field(default_factory=Counter)
+    steps: int = 0
+    forecasts: int = 0
+    checkpoints: int = 0
+    checkpoint_failures: int = 0
+    checkpoint_ms: list[float] = field(default_factory=list)
+    checkpoint_bytes: list[int] = field(default_factory=list)
+    last_checkpoint_at: float = 0.0
+    rebalances: int = 0
+    step_ms: list[float] = field(default_factory=list)
+    # Step closed -> its last forecast acknowledged by the broker (appended on the I/O thread).
+    forecast_latency_ms: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "consumed": self.consumed,
+            "applied": self.applied,
+            "duplicates": self.duplicates,
+            "replayed": self.replayed,
+            "late": self.late,
+            "dead_lettered": dict(self.dead_lettered),
+            "steps": self.steps,
+            "forecasts": self.forecasts,
+            "checkpoints": self.checkpoints,
+            "checkpoint_failures": self.checkpoint_failures,
+            "rebalances": self.rebalances,
+        }
+
+
+class Engine:
+    def __init__(
+        self,
+        config: Config,
+        store: StateStore,
+        io: KafkaIO,
+        *,
+        clock: Callable[[], float] = time.time,
+        progress_every_s: float = 5.0,
+        weights_version: int = 0,
+    ) -> None:
+        self.config = config
+        self.core = Forecaster(config, clock)
+        self.store = store
+        self.io = io
+        self.stats = EngineStats()
+        self.weights_version = weights_version
+        self._topic = config.kafka.input_topic
+        self._interval = config.stream.interval
+        self._layout = self.core.layout
+        self._tokens: dict[int, int] = {}  # owned partition -> fencing token
+        self._partition_of: dict[str, int] = {}  # entity -> partition it arrives on
+        self._next_offset: dict[int, int] = {}  # partition -> next offset to read
+        self._buffered: dict[int, dict[int, int]] = {}  # open step -> partition -> min offset
+        self._steps_since_checkpoint = 0
+        self._progress_every = progress_every_s
+        self._stop = threading.Event()
+        self._closing = False
+        self._latest: dict[str, bytes] = {}  # newest forecast per entity, stored at checkpoints
+        self.on_step: Callable[[StepResult], None] | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        def handler(signum: int, _frame: FrameType | None) -> None:
+            log.info("received %s: stopping after the current poll", signal.Signals(signum).name)
+            self._stop.set()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    def run(self, *, max_steps: int | None = None, idle_exit_s: float | None = None) -> EngineStats:
+        """Consume until stopped (signal, `max_steps` closed steps, or `idle_exit_s` of silence)."""
+        self.io.subscribe(self._on_assigned, self._on_revoked)
+        started = last_progress = last_data = time.monotonic()
+        consumed_at_progress = 0
+        self.stats.last_checkpoint_at = started
+        try:
+            while not self._stop.is_set():
+                records = self.io.poll()
+                now = time.monotonic()
+                if records:
+                    last_data = now
+                    self._ingest(records)
+                self.core.aligner.set_watermark_partitions(self.io.partitions_behind())
+                self._close_steps()
+                if self._checkpoint_due(now):
+                    self.checkpoint()
+                if now - last_progress >= self._progress_every:
+                    rate = (self.stats.consumed - consumed_at_progress) / (now - last_progress)
+                    self._log_progress(rate)
+                    last_progress, consumed_at_progress = now, self.stats.consumed
+                if max_steps is not None and self.stats.steps >= max_steps:
+                    log.info("reached %d steps: stopping", max_steps)
+                    break
+                if not self._tokens:
+                    last_data = now  # silence only counts once partitions are assigned
+                elif idle_exit_s is not None and now - last_data >= idle_exit_s:
+                    log.info("no input for %.1f s: stopping", idle_exit_s)
+                    break
+        finally:
+            self._shutdown(time.monotonic() - started)
+        return self.stats
+
+    def _shutdown(self, elapsed: float) -> None:
+        """Graceful stop: close what can close, checkpoint, commit, leave the group."""
+        try:
+            self._close_steps()
+            if self._tokens:
+                self.checkpoint()
+        except (StateError, KafkaError) as exc:
+            log.error("final checkpoint failed: %s", exc)
+        finally:
+            self._closing = True  # leaving the group revokes everything; nothing left to save
+            self.io.close()
+            log.info("stopped after %.1f s: %s", elapsed, self.stats.summary())
+
+    # ------------------------------------------------------------------ rebalancing
+
+    def _on_assigned(self, partitions: list[int]) -> dict[int, int | None]:
+        """Take ownership, load states, return where to seek (None: earliest retained)."""
+        self.stats.rebalances += 1
+        new = [p for p in partitions if p not in self._tokens]
+        if not new:
+            return {}
+        self._tokens.update(self.store.acquire(self._topic, new))
+        loaded = self.store.load(self._topic, new, self._layout)
+        if loaded.weights_version is not None and loaded.weights_version != self.weights_version:
+            log.warning(
+                "checkpoint names weights version %d, running %d",
+                loaded.weights_version,
+                self.weights_version,
+            )
+        if loaded.entities:
+            names = [e.entity for e in loaded.entities]
+            rows = np.stack([e.row for e in loaded.entities])
+            steps = np.array([e.last_step for e in loaded.entities], dtype=np.int64)
+            self.core.restore_rows(names, rows, steps)
+            for e in loaded.entities:
+                self._partition_of[e.entity] = e.partition
+        if (
+            loaded.steps
+            and self.core.aligner.last_closed_step is None
+            and set(loaded.steps) >= set(new)
+        ):
+            self.core.aligner.resume_after(min(loaded.steps.values()))
+        log.info(
+            "assigned partitions %s: %d entities restored, positions %s",
+            new,
+            len(loaded.entities),
+            {p: loaded.positions.get(p) for p in new},
+        )
+        for p in new:
+            if p in loaded.positions:
+                self._next_offset[p] = loaded.positions[p]
+        return {p: loaded.positions.get(p) for p in new}
+
+    def _on_revoked(self, partitions: list[int]) -> None:
+        mine = [p for p in partitions if p in self._tokens]
+        if not mine or self._closing:
+            return
+        try:
+            self.checkpoint()
+        except FencedError as exc:
+            log.warning("revoked partitions were already taken over: %s", exc)
+        except StateError as exc:
+            log.error("checkpoint on revoke failed, the new owner replays more: %s", exc)
+        gone = {e for e, p in self._partition_of.items() if p in mine}
+        self.core.remove_entities(gone)
+        for e in gone:
+            del self._partition_of[e]
+        for p in mine:
+            self._tokens.pop(p, None)
+            self._next_offset.pop(p, None)
+        for offsets in self._buffered.values():
+            for p in mine:
+                offsets.pop(p, None)
+        log.info("revoked partitions %s: %d entities released", mine, len(gone))
+
+    # ------------------------------------------------------------------ the hot path
+
+    def _ingest(self, records: list[Record]) -> None:
+        core = self.core
+        decode = decode_event
+        enc = self.config.kafka.encoding
+        limit = self.config.kafka.max_message_bytes
+        for rec in records:
+            self.stats.consumed += 1
+            self._next_offset[rec.partition] = rec.offset + 1
+            if rec.partition not in self._tokens:
+                continue  # fetched before a revoke; the new owner reads it
+            try:
+                event = core.parser.parse(decode(rec.value, enc, limit))
+                status = core.ingest(event, rec.partition)
+            except EventError as exc:
+                self._dead_letter(rec, exc.reason, str(exc))
+                continue
+            if status is AddStatus.LATE:
+                self.stats.late += 1
+                self._dead_letter(rec, Reason.LATE, f'entity "{event.entity}": its step closed')
+                continue
+            if status is AddStatus.REPLAYED:
+                self.stats.replayed += 1
+                continue
+            if status is AddStatus.DUPLICATE:
+                self.stats.duplicates += 1
+                continue
+            if status is AddStatus.REPLACED:
+                self.stats.duplicates += 1
+            self.stats.applied += 1
+            self._partition_of[event.entity] = rec.partition
+            offsets = self._buffered.setdefault(step_of(event.ts, self._interval), {})
+            if rec.partition not in offsets:
+                offsets[rec.partition] = rec.offset
+
+    def _close_steps(self) -> None:
+        for batch in self.core.aligner.close_ready():
+            closed_at = time.perf_counter()
+            result = self.core.apply(batch)
+            self.stats.step_ms.append((time.perf_counter() - closed_at) * 1e3)
+            self._buffered.pop(result.step, None)
+            self._publish(result, closed_at)
+
+    def _publish(self, result: StepResult, closed_at: float) -> None:
+        self.stats.steps += 1
+        self._steps_since_checkpoint += 1
+        latest = {}
+        version = self.weights_version
+        future = None
+        for j, entity in enumerate(result.entities):
+            if not result.valid[j]:
+                continue
+            value = encode_forecast(
+                entity,
+                result.step,
+                float(result.ts[j]),
+                result.forecasts[j].tolist(),
+                result.levels[j].tolist(),
+                version,
+            )
+            future = self.io.send_forecast(entity, value)
+            latest[entity] = value
+        if future is not None:
+            sink = self.stats.forecast_latency_ms
+            future.add_callback(lambda _md: sink.append((time.perf_counter() - closed_at) * 1e3))
+        self.stats.forecasts += len(latest)
+        self._latest.update(latest)
+        if self.on_step is not None:
+            self.on_step(result)
+
+    def _dead_letter(self, rec: Record, reason: Reason, message: str) -> None:
+        self.stats.dead_lettered[reason.value] += 1
+        self.io.send_dead_letter(rec, reason.value, message)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _checkpoint_due(self, now: float) -> bool:
+        cfg = self.config.checkpoint
+        return bool(self._tokens) and (
+            self._steps_since_checkpoint >= cfg.every_steps
+            or (
+                self._steps_since_checkpoint > 0
+                and now - self.stats.last_checkpoint_at >= cfg.every_seconds
+            )
+        )
+
+    def position(self, partition: int) -> int | None:
+        """Where a restart must resume reading this partition (see the module docstring)."""
+        candidates = [o[partition] for o in self._buffered.values() if partition in o]
+        nxt = self._next_offset.get(partition)
+        if nxt is not None:
+            candidates.append(nxt)
+        return min(candidates) if candidates else None
+
+    def checkpoint(self) -> None:
+        """Flush outputs, then write changed rows + positions atomically (fenced)."""
+        t0 = time.perf_counter()
+        self.io.flush()  # forecasts of every applied step are acknowledged first
+        slots = self.core.take_dirty()
+        names, rows, steps = self.core.export_rows(slots)
+        entities = [
+            EntityState(name, self._partition_of[name], int(steps[i]), rows[i])
+            for i, name in enumerate(names)
+            if name in self._partition_of
+        ]
+        positions = {p: pos for p in self._tokens if (pos := self.position(p)) is not None}
+        cp = Checkpoint(
+            topic=self._topic,
+            positions=positions,
+            entities=entities,
+            step=self.core.aligner.last_closed_step,
+            weights_version=self.weights_version,
+        )
+        try:
+            nbytes = self.store.commit(cp, self._tokens, self._layout)
+        except FencedError:
+            self.stats.checkpoint_failures += 1
+            raise
+        except StateError:
+            self.stats.checkpoint_failures += 1
+            self.core._dirty.update(slots)  # retried with the next checkpoint
+            raise
+        ms = (time.perf_counter() - t0) * 1e3
+        self.stats.checkpoints += 1
+        self.stats.checkpoint_ms.append(ms)
+        self.stats.checkpoint_bytes.append(nbytes)
+        self.stats.last_checkpoint_at = time.monotonic()
+        self._steps_since_checkpoint = 0
+        try:
+            self.store.put_latest(self._latest)
+            self._latest = {}
+        except StateError as exc:
+            log.warning("latest forecasts not stored (retried at the next checkpoint): %s", exc)
+        self.io.commit_offsets(positions)
+        log.debug("checkpoint: %d entities, %d bytes, %.1f ms", len(entities), nbytes, ms)
+
+    def _log_progress(self, rate: float) -> None:
+        lag = self.io.lag()
+        log.info(
+            "%.0f events/s | steps %d | entities %d | forecasts %d | lag %s | dead-lettered %d",
+            rate,
+            self.stats.steps,
+            len(self.core.registry),
+            self.stats.forecasts,
+            lag if lag is not None else "?",
+            sum(self.stats.dead_lettered.values()),
+        )

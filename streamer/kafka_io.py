@@ -1,0 +1,246 @@
+"""The Kafka adapter: one consumer (group member) and one producer behind a small interface.
+
+Everything kafka-python raises is translated into `KafkaError` here. The engine sees plain
+records, partition numbers and offsets; it never touches kafka-python types.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import kafka
+import kafka.errors
+from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.admin import NewTopic
+from kafka.partitioner.default import murmur2
+from kafka.structs import OffsetAndMetadata, TopicPartition
+
+from .config import KafkaConfig
+from .errors import KafkaError
+
+log = logging.getLogger(__name__)
+
+# Dead-letter headers (bytes values): why and where the refused message came from.
+DLQ_REASON = "streamer-reason"
+DLQ_ERROR = "streamer-error"
+DLQ_TOPIC = "streamer-source-topic"
+DLQ_PARTITION = "streamer-source-partition"
+DLQ_OFFSET = "streamer-source-offset"
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+Assigned = Callable[[list[int]], Mapping[int, int | None]]
+Revoked = Callable[[list[int]], None]
+
+
+def ensure_topics(bootstrap: str, names: Iterable[str], partitions: int) -> None:
+    """Create the topics that do not exist yet (idempotent)."""
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="streamer-admin")
+    except kafka.errors.KafkaError as exc:
+        raise KafkaError(f"cannot reach Kafka at {bootstrap}: {exc}") from exc
+    try:
+        existing = set(admin.list_topics())
+        missing = [n for n in dict.fromkeys(names) if n not in existing]
+        if missing:
+            with contextlib.suppress(kafka.errors.TopicAlreadyExistsError):
+                admin.create_topics(
+                    [NewTopic(n, num_partitions=partitions, replication_factor=1) for n in missing]
+                )
+            log.info("created topics %s with %d partitions", missing, partitions)
+    except kafka.errors.KafkaError as exc:
+        raise KafkaError(f"cannot create topics on {bootstrap}: {exc}") from exc
+    finally:
+        admin.close()
+
+
+def producer(bootstrap: str, **overrides: Any) -> KafkaProducer:
+    kwargs: dict[str, Any] = {
+        "bootstrap_servers": bootstrap,
+        "acks": "all",
+        "linger_ms": 5,
+        "batch_size": 256 * 1024,
+        "max_in_flight_requests_per_connection": 1,  # keeps per-key order across retries
+        "retries": 5,
+        "client_id": "streamer",
+    }
+    kwargs.update(overrides)
+    try:
+        return KafkaProducer(**kwargs)
+    except kafka.errors.KafkaError as exc:
+        raise KafkaError(f"cannot reach Kafka at {bootstrap}: {exc}") from exc
+
+
+class KafkaIO:
+    """Consumer-group member on the input topic + producer of forecasts and dead letters."""
+
+    def __init__(self, config: KafkaConfig) -> None:
+        self._cfg = config
+        self._topic = config.input_topic
+        try:
+            self._consumer = KafkaConsumer(
+                bootstrap_servers=config.bootstrap,
+                group_id=config.group,
+                client_id=f"streamer-{config.group}",
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
+                session_timeout_ms=config.session_timeout_ms,
+                heartbeat_interval_ms=max(1000, config.session_timeout_ms // 3),
+                max_poll_interval_ms=config.max_poll_interval_ms,
+                max_poll_records=config.max_poll_records,
+                fetch_max_bytes=32 * 1024 * 1024,
+                max_partition_fetch_bytes=8 * 1024 * 1024,
+            )
+        except kafka.errors.KafkaError as exc:
+            raise KafkaError(f"cannot reach Kafka at {config.bootstrap}: {exc}") from exc
+        self._producer = producer(config.bootstrap)
+        self._assigned: set[int] = set()
+        # Output partition per entity, computed once with the producer's own partitioner
+        # (murmur2 of the key, as Kafka's default): the same partition as keyed sends, without
+        # hashing every message.
+        self._out_partition: dict[str, int] = {}
+        self._out_partitions: list[int] | None = None
+
+    # --------------------------------------------------------------- consuming
+
+    def subscribe(self, on_assigned: Assigned, on_revoked: Revoked) -> None:
+        io = self
+
+        class Listener(ConsumerRebalanceListener):
+            def on_partitions_revoked(self, revoked: Any) -> None:
+                parts = sorted(tp.partition for tp in revoked if tp.topic == io._topic)
+                io._assigned.difference_update(parts)
+                on_revoked(parts)
+
+            def on_partitions_assigned(self, assigned: Any) -> None:
+                parts = sorted(tp.partition for tp in assigned if tp.topic == io._topic)
+                io._assigned.update(parts)
+                seeks = on_assigned(parts)
+                for p, pos in seeks.items():
+                    tp = TopicPartition(io._topic, p)
+                    if pos is None:
+                        io._consumer.seek_to_beginning(tp)
+                    else:
+                        io._consumer.seek(tp, pos)
+
+        try:
+            self._consumer.subscribe([self._topic], listener=Listener())
+        except kafka.errors.KafkaError as exc:
+            raise KafkaError(f"cannot subscribe to {self._topic}: {exc}") from exc
+
+    def poll(self) -> list[Record]:
+        try:
+            batches = self._consumer.poll(
+                timeout_ms=self._cfg.poll_timeout_ms, max_records=self._cfg.max_poll_records
+            )
+        except kafka.errors.KafkaError as exc:
+            raise KafkaError(f"poll failed: {exc}") from exc
+        out: list[Record] = []
+        for tp, recs in batches.items():
+            out.extend(Record(tp.topic, tp.partition, r.offset, r.key, r.value) for r in recs)
+        return out
+
+    def partitions_behind(self) -> set[int]:
+        """Assigned partitions that may hold unread events (not known to be caught up)."""
+        behind = set()
+        for p in self._assigned:
+            tp = TopicPartition(self._topic, p)
+            high = self._consumer.highwater(tp)
+            try:
+                pos = self._consumer.position(tp, timeout_ms=0)
+            except Exception:  # no position yet: not caught up
+                pos = None
+            if high is None or pos is None or pos < high:
+                behind.add(p)
+        return behind
+
+    def lag(self) -> int | None:
+        total = 0
+        for p in self._assigned:
+            tp = TopicPartition(self._topic, p)
+            high = self._consumer.highwater(tp)
+            try:
+                pos = self._consumer.position(tp, timeout_ms=0)
+            except Exception:
+                return None
+            if high is None or pos is None:
+                return None
+            total += max(0, high - pos)
+        return total
+
+    def commit_offsets(self, positions: Mapping[int, int]) -> None:
+        """Commit positions to Kafka for lag monitoring (best effort; Redis is the truth)."""
+        offsets = {
+            TopicPartition(self._topic, p): OffsetAndMetadata(pos, "", -1)
+            for p, pos in positions.items()
+            if p in self._assigned
+        }
+        if not offsets:
+            return
+        try:
+            self._consumer.commit(offsets)
+        except (kafka.errors.KafkaError, AssertionError) as exc:
+            log.warning("offset commit for lag monitoring failed: %s", exc)
+
+    # --------------------------------------------------------------- producing
+
+    def send_forecast(self, entity: str, value: bytes) -> Any:
+        """Send one forecast; returns the send future (callbacks run on the I/O thread)."""
+        topic = self._cfg.output_topic
+        key = entity.encode()
+        try:
+            partition = self._out_partition.get(entity)
+            if partition is None:
+                if self._out_partitions is None:
+                    self._out_partitions = sorted(self._producer.partitions_for(topic))
+                parts = self._out_partitions
+                partition = parts[(murmur2(key) & 0x7FFFFFFF) % len(parts)]
+                self._out_partition[entity] = partition
+            return self._producer.send(topic, key=key, value=value, partition=partition)
+        except kafka.errors.KafkaError as exc:
+            raise KafkaError(f"cannot publish to {self._cfg.output_topic}: {exc}") from exc
+
+    def send_dead_letter(self, rec: Record, reason: str, message: str) -> None:
+        headers = [
+            (DLQ_REASON, reason.encode()),
+            (DLQ_ERROR, message[:1000].encode("utf-8", "replace")),
+            (DLQ_TOPIC, rec.topic.encode()),
+            (DLQ_PARTITION, str(rec.partition).encode()),
+            (DLQ_OFFSET, str(rec.offset).encode()),
+        ]
+        value = rec.value
+        if value is not None and len(value) > self._cfg.max_message_bytes:
+            value = value[: self._cfg.max_message_bytes]  # the original was too large
+        try:
+            self._producer.send(self._cfg.dlq, key=rec.key, value=value, headers=headers)
+        except kafka.errors.KafkaError as exc:
+            raise KafkaError(f"cannot publish to {self._cfg.dlq}: {exc}") from exc
+
+    def flush(self, timeout_s: float = 30.0) -> None:
+        try:
+            self._producer.flush(timeout=timeout_s)
+        except kafka.errors.KafkaError as exc:
+            raise KafkaError(f"producer flush failed: {exc}") from exc
+
+    def close(self) -> None:
+        try:
+            self._producer.flush(timeout=10)
+        except kafka.errors.KafkaError as exc:
+            log.error("producer flush on close failed: %s", exc)
+        self._producer.close(timeout=5)
+        self._consumer.close()
+
+
+__all__ = ["KafkaIO", "Record", "ensure_topics", "kafka", "producer"]
