@@ -8,6 +8,7 @@ import threading
 
 from .config import Config
 from .engine import Engine, EngineStats
+from .http_api import serve as serve_http
 from .kafka_io import KafkaIO, ensure_topics
 from .services import EmbeddedStack
 from .state.redis_store import RedisStore
@@ -36,9 +37,12 @@ def run_engine(
         config.kafka.output_topic,
         config.kafka.dlq,
     )
+    http = serve_http(engine, config)
     try:
         return engine.run(max_steps=max_steps, idle_exit_s=idle_exit_s)
     finally:
+        if http is not None:
+            http.close()
         engine.store.close()
 
 

@@ -74,11 +74,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--rate", type=float, help="events per second (default: as fast as possible)"
     )
 
-    demo = sub.add_parser("demo", help="stream a synthetic market through the core, in process")
+    demo = sub.add_parser(
+        "demo", help="the whole product on the embedded stack: broker, Redis, producer, engine"
+    )
     demo.add_argument("--entities", type=_positive_int, default=400)
     demo.add_argument("--steps", type=_positive_int, default=300)
+    demo.add_argument("--rate", type=float, default=8000.0, help="events per second produced")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--in-process", action="store_true", help="no broker or Redis: feed the core directly"
+    )
     demo.add_argument("--json", action="store_true", help="print the summary as JSON at the end")
+
+    plot = sub.add_parser(
+        "plot", help="SVG of one entity's forecasts vs actuals and persistence, from Kafka"
+    )
+    plot.add_argument("entity")
+    plot.add_argument("--out", help="SVG file to write (default: ENTITY.svg)")
+    plot.add_argument("--last", type=_positive_int, default=200, help="steps to draw")
+    plot.add_argument("--horizon", type=_positive_int, default=1, help="forecast step to draw")
 
     bench = sub.add_parser("bench", help="benchmarks; each prints one JSON object")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
@@ -149,12 +163,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             print(json.dumps({"produced": n, "topic": config.kafka.input_topic}))
             return EXIT_OK
+        if args.command == "demo" and not args.in_process:
+            from .stack_demo import run_stack_demo
+
+            summary = run_stack_demo(
+                config, entities=args.entities, steps=args.steps, rate=args.rate, seed=args.seed
+            )
+            return EXIT_OK
         if args.command == "demo":
             from .demo import run_demo
 
             summary = run_demo(config, entities=args.entities, steps=args.steps, seed=args.seed)
             if args.json:
                 print(json.dumps(summary))
+            return EXIT_OK
+        if args.command == "plot":
+            from .plot import plot_entity
+
+            out = args.out or f"{args.entity.replace('/', '_')}.svg"
+            summary = plot_entity(config, args.entity, out, horizon=args.horizon, last=args.last)
+            print(json.dumps(summary))
             return EXIT_OK
         if args.command == "bench" and args.bench == "step":
             from .benchmarks import step as bench_step

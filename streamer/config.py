@@ -51,7 +51,11 @@ class StreamConfig:
     target: str = DEFAULT_TARGET
     target_transform: TargetTransform = DEFAULT_TARGET_TRANSFORM
     interval: float = DEFAULT_INTERVAL_S
-    allowed_lateness: float = 0.0
+    # Seconds the watermark trails the newest event time. Steps usually close as soon as every
+    # active entity reported; this only bounds how long a straggler can hold a step open.
+    allowed_lateness: float = 1.0
+    # A caught-up partition that delivered nothing for this long stops holding the watermark.
+    idle_partition_timeout: float = 2.0
     # A second event for the same (entity, step) before the step closes: "replace" keeps the
     # newer one (a producer's correction); "first" keeps the older one, which makes batches
     # independent of how partitions interleave even when duplicates exist.
@@ -77,6 +81,7 @@ class StreamConfig:
             )
         _positive("stream.interval", self.interval)
         _non_negative("stream.allowed_lateness", self.allowed_lateness)
+        _positive("stream.idle_partition_timeout", self.idle_partition_timeout)
         _non_negative("stream.max_future", self.max_future)
         _positive("stream.max_step_jump", self.max_step_jump)
         try:
@@ -198,6 +203,66 @@ class CheckpointConfig:
         _positive("checkpoint.every_seconds", self.every_seconds)
 
 
+LossName = Literal["mse", "huber"]
+
+
+@dataclass(frozen=True)
+class LearnConfig:
+    """Online learning: periodic truncated-BPTT updates on the most recent window."""
+
+    enabled: bool = False
+    window: int = 64  # batches (closed steps) per truncated-BPTT window
+    update_every: int = 16  # batches between updates
+    learning_rate: float = 1e-3
+    clipnorm: float = 1.0
+    loss: LossName = "mse"
+    # After an update, replay the window with the new weights from the stored window-start
+    # states, so the live states match the weights that will use them ("burn-in").
+    refresh_states: bool = True
+    # Shadow comparison: an update whose next `shadow_steps` one-step errors are more than
+    # `rollback_threshold` (relative) worse than the previous weights' is rolled back. 0: off.
+    shadow_steps: int = 16
+    rollback_threshold: float = 0.25
+    # Exponential forgetting of the prequential scores, in batches.
+    prequential_halflife: float = 200.0
+    # Weight versions kept in the store.
+    keep_versions: int = 5
+
+    def __post_init__(self) -> None:
+        _positive("learn.window", self.window)
+        _positive("learn.update_every", self.update_every)
+        _positive("learn.learning_rate", self.learning_rate)
+        _positive("learn.clipnorm", self.clipnorm)
+        _non_negative("learn.shadow_steps", self.shadow_steps)
+        _non_negative("learn.rollback_threshold", self.rollback_threshold)
+        _positive("learn.prequential_halflife", self.prequential_halflife)
+        _positive("learn.keep_versions", self.keep_versions)
+        if self.update_every > self.window:
+            raise ConfigError(
+                "learn.update_every",
+                f"{self.update_every} exceeds learn.window={self.window}: batches between "
+                "windows would never be trained on",
+            )
+
+
+DEFAULT_HTTP_PORT = 8000
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    """The engine's HTTP port: /metrics, /healthz, /readyz, /forecast/<entity>."""
+
+    host: str = "0.0.0.0"
+    # 0 turns the HTTP server off.
+    port: int = DEFAULT_HTTP_PORT
+
+    def __post_init__(self) -> None:
+        if not self.host:
+            raise ConfigError("http.host", "must not be empty")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError("http.port", f"must be in 0..65535 (0 disables), got {self.port}")
+
+
 @dataclass(frozen=True)
 class Config:
     """Everything streamer reads from its configuration, typed and validated."""
@@ -208,6 +273,8 @@ class Config:
     kafka: KafkaConfig = field(default_factory=KafkaConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    learn: LearnConfig = field(default_factory=LearnConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
 
     @property
     def namespace(self) -> str:

@@ -111,7 +111,10 @@ class Engine:
         self._progress_every = progress_every_s
         self._stop = threading.Event()
         self._closing = False
+        self._assigned_at = time.monotonic()
         self._latest: dict[str, bytes] = {}  # newest forecast per entity, stored at checkpoints
+        # partition -> monotonic time of its last record (idle partitions, see below)
+        self._last_record_at: dict[int, float] = {}
         self.on_step: Callable[[StepResult], None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -140,7 +143,7 @@ class Engine:
                 if records:
                     last_data = now
                     self._ingest(records)
-                self.core.aligner.set_watermark_partitions(self.io.partitions_behind())
+                self.core.aligner.set_watermark_partitions(self._watermark_partitions(now))
                 self._close_steps()
                 if self._checkpoint_due(now):
                     self.checkpoint()
@@ -178,6 +181,7 @@ class Engine:
     def _on_assigned(self, partitions: list[int]) -> dict[int, int | None]:
         """Take ownership, load states, return where to seek (None: earliest retained)."""
         self.stats.rebalances += 1
+        self._assigned_at = time.monotonic()
         new = [p for p in partitions if p not in self._tokens]
         if not new:
             return {}
@@ -242,7 +246,9 @@ class Engine:
         decode = decode_event
         enc = self.config.kafka.encoding
         limit = self.config.kafka.max_message_bytes
+        now = time.monotonic()
         for rec in records:
+            self._last_record_at[rec.partition] = now
             self.stats.consumed += 1
             self._next_offset[rec.partition] = rec.offset + 1
             if rec.partition not in self._tokens:
@@ -270,6 +276,23 @@ class Engine:
             offsets = self._buffered.setdefault(step_of(event.ts, self._interval), {})
             if rec.partition not in offsets:
                 offsets[rec.partition] = rec.offset
+
+    def _watermark_partitions(self, now: float) -> set[int]:
+        """Partitions that hold the watermark back: all assigned ones except idle partitions.
+
+        A partition is idle when it is caught up and delivered nothing for
+        `stream.idle_partition_timeout` seconds (Flink's idleness): without this rule one
+        silent partition would stop every step from closing by watermark; with it, a partition
+        that is merely quiet for a moment still holds the watermark, so events of one step
+        spread over several partitions are not made late by the fastest partition.
+        """
+        idle_after = self.config.stream.idle_partition_timeout
+        active = set()
+        for p in self.io.assigned():
+            last = self._last_record_at.get(p, self._assigned_at)
+            if now - last < idle_after or not self.io.caught_up(p):
+                active.add(p)
+        return active
 
     def _close_steps(self) -> None:
         for batch in self.core.aligner.close_ready():
@@ -356,7 +379,7 @@ class Engine:
             raise
         except StateError:
             self.stats.checkpoint_failures += 1
-            self.core._dirty.update(slots)  # retried with the next checkpoint
+            self.core.mark_dirty(slots)  # retried with the next checkpoint
             raise
         ms = (time.perf_counter() - t0) * 1e3
         self.stats.checkpoints += 1

@@ -18,7 +18,9 @@ from .aligner import AddStatus, Batch, StepAligner
 from .config import Config
 from .errors import CapacityError, EventError, Reason
 from .events import Event, EventParser, step_of
+from .learner import OnlineLearner
 from .model import StatefulLSTM
+from .prequential import Prequential
 from .registry import SlotRegistry
 from .state.format import NO_STEP, RowLayout
 
@@ -50,6 +52,10 @@ class Forecaster:
         self.registry = SlotRegistry(config.capacity)
         self.aligner = StepAligner(config.stream, self.registry)
         self.model = StatefulLSTM(config, self.registry.capacity)
+        self.prequential = Prequential(
+            self.registry.capacity, config.model.horizon, config.learn.prequential_halflife
+        )
+        self.learner = OnlineLearner(self.model, config) if config.learn.enabled else None
         self._target = config.stream.target_index
         self._transform = config.stream.target_transform
         self._interval = config.stream.interval
@@ -99,7 +105,11 @@ class Forecaster:
             pad = self.model.capacity - x.shape[0]
             x = np.pad(x, ((0, pad), (0, 0)))
             mask = np.pad(mask, (0, pad))
+        shadow = self.learner.shadow_step(x, mask) if self.learner is not None else None
         out = self.model.step(x, mask)
+        self.prequential.observe(out.forecasts, out.target, out.valid)
+        if self.learner is not None:
+            self.learner.observe(out, shadow)
         rows = batch.slots
         self.last_step[rows] = batch.step
         self._dirty.update(rows.tolist())
@@ -122,6 +132,7 @@ class Forecaster:
         self.model.reset_rows([slot])
         self.last_step[slot] = NO_STEP
         self._dirty.add(slot)
+        self._forget([slot])
 
     def remove_entities(self, entities: set[str]) -> None:
         """Free the slots of these entities (partition revoked, or evicted after a checkpoint).
@@ -134,6 +145,20 @@ class Forecaster:
             self.model.reset_rows(slots)
             self.last_step[slots] = NO_STEP
             self._dirty.difference_update(slots)
+            self._forget(slots)
+
+    @property
+    def weights_version(self) -> int:
+        return self.learner.version if self.learner is not None else 0
+
+    def mark_dirty(self, slots: list[int]) -> None:
+        """Slots to include in the next checkpoint again (a failed write)."""
+        self._dirty.update(slots)
+
+    def _forget(self, slots: list[int]) -> None:
+        self.prequential.forget_rows(slots)
+        if self.learner is not None:
+            self.learner.forget_rows(slots)
 
     def take_dirty(self) -> list[int]:
         """Slots changed since the last call, ascending; clears the set."""
@@ -159,6 +184,9 @@ class Forecaster:
         cap = self.registry.capacity
         if cap > self.model.capacity:
             self.model.grow(cap)
+            self.prequential.grow(cap)
+            if self.learner is not None:
+                self.learner.grow(cap)
         if cap > len(self.last_step):
             grown = np.full(cap, NO_STEP, dtype=np.int64)
             grown[: len(self.last_step)] = self.last_step

@@ -152,19 +152,18 @@ class KafkaIO:
             out.extend(Record(tp.topic, tp.partition, r.offset, r.key, r.value) for r in recs)
         return out
 
-    def partitions_behind(self) -> set[int]:
-        """Assigned partitions that may hold unread events (not known to be caught up)."""
-        behind = set()
-        for p in self._assigned:
-            tp = TopicPartition(self._topic, p)
-            high = self._consumer.highwater(tp)
-            try:
-                pos = self._consumer.position(tp, timeout_ms=0)
-            except Exception:  # no position yet: not caught up
-                pos = None
-            if high is None or pos is None or pos < high:
-                behind.add(p)
-        return behind
+    def assigned(self) -> set[int]:
+        return set(self._assigned)
+
+    def caught_up(self, partition: int) -> bool:
+        """True when the consumer's position has reached the partition's known end."""
+        tp = TopicPartition(self._topic, partition)
+        high = self._consumer.highwater(tp)
+        try:
+            pos = self._consumer.position(tp, timeout_ms=0)
+        except Exception:  # no position yet: not caught up
+            return False
+        return high is not None and pos is not None and pos >= high
 
     def lag(self) -> int | None:
         total = 0

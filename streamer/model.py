@@ -26,6 +26,7 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -108,6 +109,11 @@ class StepOutput:
 
     forecasts: np.ndarray  # float32 [capacity, horizon], target's transformed units
     valid: np.ndarray  # bool [capacity]: row advanced in this step
+    # What online learning needs from the step, all [capacity]-leading:
+    inputs: np.ndarray  # float32 [capacity, features]: the normalised inputs the LSTM saw
+    target: np.ndarray  # float32 [capacity]: this step's target in transformed units
+    target_mean: np.ndarray  # float32 [capacity]: normalisation of the target at this step
+    target_std: np.ndarray  # float32 [capacity]
 
 
 class StatefulLSTM:
@@ -189,7 +195,15 @@ class StatefulLSTM:
         packed[:, : self.n_features] = x
         packed[:, self.n_features] = mask
         out = self._step_fn(tf.constant(packed)).numpy()
-        return StepOutput(forecasts=out[:, : self.horizon], valid=out[:, self.horizon] > 0.5)
+        h, f = self.horizon, self.n_features
+        return StepOutput(
+            forecasts=out[:, :h],
+            valid=out[:, h] > 0.5,
+            inputs=out[:, h + 1 : h + 1 + f],
+            target=out[:, h + 1 + f],
+            target_mean=out[:, h + 2 + f],
+            target_std=out[:, h + 3 + f],
+        )
 
     def grow(self, capacity: int) -> None:
         """Add rows (zero state) up to `capacity`; existing rows are untouched."""
@@ -205,6 +219,33 @@ class StatefulLSTM:
         """(h, c) of every layer, [capacity, units] each."""
         v = self.bank.vars
         return [(v[f"h{i}"].numpy(), v[f"c{i}"].numpy()) for i in range(len(self.lstm_layers))]
+
+    def window_forward(
+        self, inputs: tf.Tensor, mask: tf.Tensor, start: Sequence[tuple[Any, Any]]
+    ) -> tuple[tf.Tensor, list[tuple[tf.Tensor, tf.Tensor]]]:
+        """Whole-window pass with the Keras layers (cuDNN on a GPU when the mask allows).
+
+        inputs [S, W, F] are already normalised; rows with mask False at a step keep their
+        state (Keras masking semantics, the same as the single step). Returns the head's
+        normalised outputs [S, W, H] and the final (h, c) of every layer.
+        """
+        x = inputs
+        finals = []
+        for layer, (h0, c0) in zip(self.lstm_layers, start, strict=True):
+            x, h, c = layer(x, initial_state=[h0, c0], mask=mask)
+            finals.append((h, c))
+        return self.head(x), finals
+
+    def replay_window(
+        self, inputs: np.ndarray, mask: np.ndarray, start: Sequence[tuple[np.ndarray, np.ndarray]]
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Final (h, c) per layer after replaying the window from `start` (no gradients)."""
+        _, finals = self.window_forward(
+            tf.constant(inputs),
+            tf.constant(mask),
+            [(tf.constant(h), tf.constant(c)) for h, c in start],
+        )
+        return [(np.asarray(h), np.asarray(c)) for h, c in finals]
 
     def reference_model(self, batch_size: int, masking: bool = True) -> keras.Model:
         """A Keras `stateful=True` model with these weights (the seed's setup), for checks.
@@ -282,8 +323,13 @@ class StatefulLSTM:
             v["norm_count"].assign(new_count)
             v["norm_mean"].assign(new_mean)
             v["norm_m2"].assign(new_m2)
+            t = self._target
+            t_mean, t_std = new_mean[:, t : t + 1], std[:, t : t + 1]
         else:
             h_in = x
+            t_mean, t_std = tf.zeros_like(x[:, :1]), tf.ones_like(x[:, :1])
+        inputs = h_in
+        target = x[:, self._target : self._target + 1]
         for i, layer in enumerate(self.lstm_layers):
             cell = layer.cell
             h = v[f"h{i}"].read_value()
@@ -299,10 +345,8 @@ class StatefulLSTM:
             v[f"c{i}"].assign(new_c)
             h_in = new_h
         y = tf.matmul(h_in, self.head.kernel.value) + self.head.bias.value
-        if self._cfg.normalize:
-            t = self._target
-            y = y * std[:, t : t + 1] + new_mean[:, t : t + 1]
-        return tf.concat([y, tf.cast(valid, tf.float32)], axis=1)
+        y = y * t_std + t_mean
+        return tf.concat([y, tf.cast(valid, tf.float32), inputs, target, t_mean, t_std], axis=1)
 
 
 # Feature value that marks a masked row for `StatefulLSTM.reference_model`.

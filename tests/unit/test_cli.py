@@ -27,7 +27,19 @@ def test_demo_streams_and_summarises(tmp_path, capsys):
     path = tmp_path / "small.toml"
     path.write_text("[model]\nunits = [8]\n")
     assert (
-        main(["--config", str(path), "demo", "--entities", "5", "--steps", "20", "--json"])
+        main(
+            [
+                "--config",
+                str(path),
+                "demo",
+                "--in-process",
+                "--entities",
+                "5",
+                "--steps",
+                "20",
+                "--json",
+            ]
+        )
         == EXIT_OK
     )
     out = capsys.readouterr().out
