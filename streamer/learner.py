@@ -1,0 +1,299 @@
+"""Online learning: truncated BPTT on the most recent window, burn-in, guard rails.
+
+Every `update_every` batches the learner trains on the last `window` batches of every entity
+at once, starting from the (h, c) each row had at the window's start (stored when that batch
+closed, not zeros). The loss covers only realised targets: the forecast made at batch j for
+horizon k counts only if batch j+k is in the window and the entity reported in both j and
+j+k (delayed labels). Targets are normalised with the statistics the forecast used.
+
+After an accepted update the window is replayed with the new weights from the stored start
+states and the live (h, c) are replaced by the result ("burn-in", as R2D2 found stale
+recurrent state hurts after updates); `refresh_states = false` keeps the old states instead.
+
+Guard rails: an update with a non-finite loss or gradient is discarded (weights untouched);
+gradients are clipped by norm; and for `shadow_steps` batches after an update the previous
+weights keep running in a shadow copy on the same inputs: if the new weights' one-step error
+is more than `rollback_threshold` worse, the weights, optimizer and live states roll back to
+the shadow's (which are exactly what the old weights would have produced).
+
+The learner works in batches (closed steps): horizons and windows count batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from .config import Config, LearnConfig
+from .model import StatefulLSTM, StepOutput
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LearnStats:
+    updates: int = 0
+    discarded: int = 0  # non-finite loss or gradients
+    rollbacks: int = 0
+    last_loss: float = float("nan")
+    update_ms: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+
+
+@dataclass
+class _Shadow:
+    model: StatefulLSTM
+    old_weights: list[np.ndarray]
+    old_optimizer: list[np.ndarray]
+    old_version: int
+    remaining: int
+    se_new: float = 0.0
+    se_old: float = 0.0
+    n: int = 0
+    prev_new: np.ndarray | None = None
+    prev_old: np.ndarray | None = None
+    prev_valid: np.ndarray | None = None
+
+
+class OnlineLearner:
+    def __init__(self, model: StatefulLSTM, config: Config) -> None:
+        self.model = model
+        self.config = config
+        self.cfg: LearnConfig = config.learn
+        self.stats = LearnStats()
+        self.version = 0
+        self.batches = 0  # batches observed since the start (persisted with checkpoints)
+        w, cap, f = self.cfg.window, model.capacity, model.n_features
+        self._inputs = np.zeros((w, cap, f), np.float32)
+        self._valid = np.zeros((w, cap), bool)
+        self._target = np.zeros((w, cap), np.float32)
+        self._mean = np.zeros((w, cap), np.float32)
+        self._std = np.ones((w, cap), np.float32)
+        # Window-start states: batch count -> [(h, c)] per layer, taken after that batch.
+        self._snapshots: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+        self.optimizer = keras.optimizers.Adam(
+            learning_rate=self.cfg.learning_rate, clipnorm=self.cfg.clipnorm
+        )
+        self.optimizer.build(model.weights)
+        self._train_fn = tf.function(self._train_graph, reduce_retracing=True)
+        self._shadow: _Shadow | None = None
+        self.on_update: Any = None  # callback(version, weights) after an accepted update
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    @property
+    def shadow_active(self) -> bool:
+        return self._shadow is not None
+
+    def grow(self, capacity: int) -> None:
+        cap = self._inputs.shape[1]
+        if capacity <= cap:
+            return
+        pad = capacity - cap
+        self._inputs = np.pad(self._inputs, ((0, 0), (0, pad), (0, 0)))
+        self._valid = np.pad(self._valid, ((0, 0), (0, pad)))
+        self._target = np.pad(self._target, ((0, 0), (0, pad)))
+        self._mean = np.pad(self._mean, ((0, 0), (0, pad)))
+        self._std = np.pad(self._std, ((0, 0), (0, pad)), constant_values=1.0)
+        for snap in self._snapshots.values():
+            for i, (h, c) in enumerate(snap):
+                snap[i] = (np.pad(h, ((0, pad), (0, 0))), np.pad(c, ((0, pad), (0, 0))))
+        if self._shadow is not None:
+            self._shadow.model.grow(capacity)
+
+    def forget_rows(self, slots: list[int] | np.ndarray) -> None:
+        """A slot changed hands: its window history and stored start states are void."""
+        idx = np.asarray(slots, dtype=np.int64)
+        self._valid[:, idx] = False
+        for snap in self._snapshots.values():
+            for h, c in snap:
+                h[idx] = 0.0
+                c[idx] = 0.0
+        if self._shadow is not None:
+            self._shadow.model.reset_rows(idx)
+
+    # ------------------------------------------------------------------ per batch
+
+    def shadow_step(self, x: np.ndarray, mask: np.ndarray) -> np.ndarray | None:
+        """Advance the shadow (previous weights) on the same batch; its one-step forecasts."""
+        if self._shadow is None:
+            return None
+        return self._shadow.model.step(x, mask).forecasts[:, 0]
+
+    def observe(self, out: StepOutput, shadow_forecast: np.ndarray | None = None) -> None:
+        """Record one batch; train when due; judge a pending shadow comparison."""
+        if self._shadow is not None and shadow_forecast is not None:
+            self._judge(out, shadow_forecast)
+        w = self.cfg.window
+        i = self.batches % w
+        self._inputs[i] = out.inputs
+        self._valid[i] = out.valid
+        self._target[i] = out.target
+        self._mean[i] = out.target_mean
+        self._std[i] = np.maximum(out.target_std, 1e-12)
+        self.batches += 1
+        n = self.batches
+        if (n + w) % self.cfg.update_every == 0:
+            self._snapshots[n] = [(h.copy(), c.copy()) for h, c in self.model.states()]
+        if n % self.cfg.update_every == 0 and n >= w and self._shadow is None:
+            self.update()
+        for key in [k for k in self._snapshots if k < n - w]:
+            del self._snapshots[key]
+
+    # ------------------------------------------------------------------ training
+
+    def window_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(inputs [S,W,F], mask [S,W], targets [S,W,H], target mask [S,W,H]), oldest first."""
+        w, h = self.cfg.window, self.model.horizon
+        order = [(self.batches - w + k) % w for k in range(w)]
+        inputs = self._inputs[order].transpose(1, 0, 2)
+        mask = self._valid[order].T
+        target = self._target[order].T
+        mean, std = self._mean[order].T, self._std[order].T
+        cap = inputs.shape[0]
+        targets = np.zeros((cap, w, h), np.float32)
+        tmask = np.zeros((cap, w, h), np.float32)
+        for k in range(1, h + 1):
+            if k >= w:
+                break
+            targets[:, : w - k, k - 1] = (target[:, k:] - mean[:, : w - k]) / std[:, : w - k]
+            tmask[:, : w - k, k - 1] = mask[:, : w - k] & mask[:, k:]
+        return inputs, mask, targets, tmask
+
+    def update(self) -> bool:
+        """One truncated-BPTT update over the window; True if accepted."""
+        start = self._snapshots.get(self.batches - self.cfg.window)
+        if start is None:
+            log.debug("no window-start state for batch %d: update skipped", self.batches)
+            return False
+        t0 = time.perf_counter()
+        inputs, mask, targets, tmask = self.window_arrays()
+        if tmask.sum() == 0:
+            return False
+        old_weights = self.model.get_weights()
+        old_opt = [np.array(v.numpy()) for v in self.optimizer.variables]
+        old_states = [(h.copy(), c.copy()) for h, c in self.model.states()]
+        loss, grads = self._train_fn(
+            tf.constant(inputs),
+            tf.constant(mask),
+            tf.constant(targets),
+            tf.constant(tmask),
+            [(tf.constant(h), tf.constant(c)) for h, c in start],
+        )
+        loss_value = float(loss)
+        finite = np.isfinite(loss_value) and all(
+            bool(tf.reduce_all(tf.math.is_finite(g))) for g in grads if g is not None
+        )
+        if not finite:
+            self.stats.discarded += 1
+            log.warning("update discarded: non-finite loss or gradient (loss %s)", loss_value)
+            return False
+        self.optimizer.apply(grads, self.model.weights)
+        if self.cfg.refresh_states:
+            self.refresh_states(inputs, mask, start)
+        old_version = self.version
+        self.version += 1
+        self.stats.updates += 1
+        self.stats.last_loss = loss_value
+        self.stats.losses.append(loss_value)
+        self.stats.update_ms.append((time.perf_counter() - t0) * 1e3)
+        if self.cfg.shadow_steps > 0 and self.cfg.rollback_threshold > 0:
+            self._start_shadow(old_weights, old_opt, old_states, old_version)
+        if self.on_update is not None:
+            self.on_update(self.version)
+        return True
+
+    def refresh_states(
+        self, inputs: np.ndarray, mask: np.ndarray, start: list[tuple[np.ndarray, np.ndarray]]
+    ) -> None:
+        """Burn-in: replay the window with the current weights from the stored start states."""
+        finals = self.model.replay_window(inputs, mask, start)
+        bank = self.model.bank.vars
+        for i, (h, c) in enumerate(finals):
+            bank[f"h{i}"].assign(h)
+            bank[f"c{i}"].assign(c)
+
+    def _train_graph(
+        self,
+        inputs: tf.Tensor,
+        mask: tf.Tensor,
+        targets: tf.Tensor,
+        tmask: tf.Tensor,
+        start: list[tuple[tf.Tensor, tf.Tensor]],
+    ) -> tuple[tf.Tensor, list[tf.Tensor]]:
+        variables = [w.value for w in self.model.weights]
+        with tf.GradientTape() as tape:
+            y, _ = self.model.window_forward(inputs, mask, start)
+            err = (y - targets) * tmask
+            if self.cfg.loss == "huber":
+                a = tf.abs(err)
+                per = tf.where(a <= 1.0, 0.5 * err * err, a - 0.5)
+            else:
+                per = err * err
+            loss = tf.reduce_sum(per * tmask) / tf.maximum(tf.reduce_sum(tmask), 1.0)
+        grads = tape.gradient(loss, variables)
+        return loss, grads
+
+    # ------------------------------------------------------------------ shadow / rollback
+
+    def _start_shadow(
+        self,
+        old_weights: list[np.ndarray],
+        old_opt: list[np.ndarray],
+        old_states: list[tuple[np.ndarray, np.ndarray]],
+        old_version: int,
+    ) -> None:
+        shadow = StatefulLSTM(self.config, self.model.capacity)
+        shadow.set_weights(old_weights)
+        live = self.model.bank.numpy()
+        for i, (h, c) in enumerate(old_states):
+            live[f"h{i}"], live[f"c{i}"] = h, c
+        for name, var in shadow.bank.vars.items():
+            var.assign(live[name])
+        self._shadow = _Shadow(
+            shadow, old_weights, old_opt, old_version, remaining=self.cfg.shadow_steps
+        )
+
+    def _judge(self, out: StepOutput, shadow_forecast: np.ndarray) -> None:
+        sh = self._shadow
+        assert sh is not None
+        if sh.prev_valid is not None and sh.prev_new is not None and sh.prev_old is not None:
+            ok = sh.prev_valid & out.valid
+            if ok.any():
+                actual = out.target[ok].astype(np.float64)
+                sh.se_new += float(np.sum((sh.prev_new[ok] - actual) ** 2))
+                sh.se_old += float(np.sum((sh.prev_old[ok] - actual) ** 2))
+                sh.n += int(ok.sum())
+            sh.remaining -= 1
+        sh.prev_new = out.forecasts[:, 0].astype(np.float64)
+        sh.prev_old = shadow_forecast.astype(np.float64)
+        sh.prev_valid = out.valid.copy()
+        if sh.remaining > 0:
+            return
+        self._shadow = None
+        if sh.n and sh.se_new > sh.se_old * (1.0 + self.cfg.rollback_threshold):
+            self._rollback(sh)
+
+    def _rollback(self, sh: _Shadow) -> None:
+        log.warning(
+            "rolling back update %d: one-step MSE %.3g vs %.3g with the previous weights",
+            self.version,
+            sh.se_new / sh.n,
+            sh.se_old / sh.n,
+        )
+        self.model.set_weights(sh.old_weights)
+        for var, value in zip(self.optimizer.variables, sh.old_optimizer, strict=True):
+            var.assign(value)
+        shadow_bank = sh.model.bank.numpy()
+        for name, var in self.model.bank.vars.items():
+            var.assign(shadow_bank[name])
+        self.version = sh.old_version
+        self.stats.rollbacks += 1
+        if self.on_update is not None:
+            self.on_update(self.version)

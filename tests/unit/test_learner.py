@@ -1,0 +1,196 @@
+"""Online learning: TBPTT from stored states, burn-in, discarded and rolled-back updates."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from streamer.config import CapacityConfig, Config, LearnConfig, ModelConfig, StreamConfig
+from streamer.learner import OnlineLearner
+from streamer.model import StatefulLSTM
+
+S, F, U, H, W = 3, 2, 3, 2, 5
+
+
+def config(**learn) -> Config:
+    return Config(
+        stream=StreamConfig(features=("a", "b"), target="a", target_transform="none"),
+        model=ModelConfig(units=(U,), horizon=H, normalize=False, seed=5),
+        capacity=CapacityConfig(initial=S, max_entities=S),
+        learn=LearnConfig(
+            **({"enabled": True, "window": W, "update_every": W, "shadow_steps": 0} | learn)
+        ),
+    )
+
+
+def feed(model: StatefulLSTM, learner: OnlineLearner, xs, masks) -> None:
+    for x, m in zip(xs, masks, strict=True):
+        learner.observe(model.step(x, m))
+
+
+def data(seed=0, steps=W):
+    rng = np.random.default_rng(seed)
+    xs = rng.normal(size=(steps, S, F)).astype(np.float32)
+    masks = rng.random((steps, S)) > 0.2
+    masks[:, 0] = True
+    return xs, masks
+
+
+# ------------------------------------------------------------------ a reference by hand
+
+
+def _sig(a):
+    return 1.0 / (1.0 + np.exp(-a))
+
+
+def numpy_loss(weights, inputs, mask, targets, tmask, h0, c0):
+    """The window loss in float64 NumPy: the LSTM and head unrolled by hand."""
+    k, r, b, dk, db = (np.asarray(w, np.float64) for w in weights)
+    h, c = h0.astype(np.float64), c0.astype(np.float64)
+    total = 0.0
+    for t in range(inputs.shape[1]):
+        z = inputs[:, t] @ k + h @ r + b
+        zi, zf, zc, zo = np.split(z, 4, axis=1)
+        c_new = _sig(zf) * c + _sig(zi) * np.tanh(zc)
+        h_new = _sig(zo) * np.tanh(c_new)
+        m = mask[:, t][:, None]
+        h, c = np.where(m, h_new, h), np.where(m, c_new, c)
+        y = h @ dk + db
+        total += np.sum(((y - targets[:, t]) ** 2) * tmask[:, t])
+    return total / max(tmask.sum(), 1.0)
+
+
+def test_update_from_stored_states_matches_tbptt_by_hand():
+    cfg = config()
+    model = StatefulLSTM(cfg, S)
+    learner = OnlineLearner(model, cfg)
+    warm_x, warm_m = data(1, steps=3)
+    for x, m in zip(warm_x, warm_m, strict=True):
+        model.step(x, m)  # the window starts from these (non-zero) states
+    learner.batches = 0
+    start_states = [(h.copy(), c.copy()) for h, c in model.states()]
+    learner._snapshots[0] = start_states  # as observe() takes it W batches before an update
+    xs, masks = data(2)
+    for x, m in zip(xs, masks, strict=True):
+        out = model.step(x, m)
+        # observe without triggering the update: fill the window by hand
+        i = learner.batches % W
+        learner._inputs[i], learner._valid[i] = out.inputs, out.valid
+        learner._target[i], learner._mean[i], learner._std[i] = (
+            out.target,
+            out.target_mean,
+            out.target_std,
+        )
+        learner.batches += 1
+    inputs, mask, targets, tmask = learner.window_arrays()
+    # Delayed labels: nothing for the last k batches of the window at horizon k.
+    assert tmask[:, W - 1, :].sum() == 0 and tmask[:, W - 2, 1].sum() == 0
+    import tensorflow as tf
+
+    loss, grads = learner._train_fn(
+        tf.constant(inputs),
+        tf.constant(mask),
+        tf.constant(targets),
+        tf.constant(tmask),
+        [(tf.constant(h), tf.constant(c)) for h, c in start_states],
+    )
+    weights = model.get_weights()
+    ref = numpy_loss(weights, inputs, mask, targets, tmask, *start_states[0])
+    assert float(loss) == pytest.approx(ref, rel=1e-5)
+    # Gradients against central finite differences in float64, a few entries per weight.
+    rng = np.random.default_rng(3)
+    for wi, g in enumerate(grads):
+        g = np.asarray(g)
+        for _ in range(3):
+            idx = tuple(rng.integers(0, d) for d in weights[wi].shape)
+            eps = 1e-5
+            plus = [w.astype(np.float64) for w in weights]
+            minus = [w.astype(np.float64) for w in weights]
+            plus[wi][idx] += eps
+            minus[wi][idx] -= eps
+            fd = (
+                numpy_loss(plus, inputs, mask, targets, tmask, *start_states[0])
+                - numpy_loss(minus, inputs, mask, targets, tmask, *start_states[0])
+            ) / (2 * eps)
+            assert g[idx] == pytest.approx(fd, rel=2e-3, abs=1e-6), (wi, idx)
+
+
+def test_burn_in_replay_equals_stepping_the_window_with_new_weights():
+    cfg = config(refresh_states=True)
+    model = StatefulLSTM(cfg, S)
+    learner = OnlineLearner(model, cfg)
+    xs, masks = data(4, steps=2 * W)
+    feed(model, learner, xs[:W], masks[:W])  # window 1 (no snapshot before it: no update)
+    start = [(h.copy(), c.copy()) for h, c in model.states()]
+    assert W in learner._snapshots  # taken after batch W for the update at batch 2W
+    feed(model, learner, xs[W:], masks[W:])
+    assert learner.stats.updates == 1
+    after_update = model.states()
+    # Step the same window with the updated weights from the stored start states.
+    check = StatefulLSTM(cfg, S)
+    check.set_weights(model.get_weights())
+    for i, (h, c) in enumerate(start):
+        check.bank.vars[f"h{i}"].assign(h)
+        check.bank.vars[f"c{i}"].assign(c)
+    for x, m in zip(xs[W:], masks[W:], strict=True):
+        check.step(x, m)
+    for (h, c), (rh, rc) in zip(after_update, check.states(), strict=True):
+        np.testing.assert_allclose(h, rh, atol=1e-5)
+        np.testing.assert_allclose(c, rc, atol=1e-5)
+
+
+def test_without_refresh_the_live_states_are_kept():
+    cfg = config(refresh_states=False)
+    model = StatefulLSTM(cfg, S)
+    learner = OnlineLearner(model, cfg)
+    xs, masks = data(4, steps=2 * W)
+    feed(model, learner, xs[: 2 * W - 1], masks[: 2 * W - 1])
+    out = model.step(xs[-1], masks[-1])
+    before = model.states()
+    learner.observe(out)
+    assert learner.stats.updates == 1
+    for (h, c), (bh, bc) in zip(model.states(), before, strict=True):
+        assert np.array_equal(h, bh) and np.array_equal(c, bc)
+
+
+def test_poisoned_update_is_discarded_and_learning_carries_on():
+    cfg = config()
+    model = StatefulLSTM(cfg, S)
+    learner = OnlineLearner(model, cfg)
+    xs, masks = data(5, steps=3 * W)
+    feed(model, learner, xs[: 2 * W - 1], masks[: 2 * W - 1])
+    learner._target[:] = np.nan  # a poisoned window
+    weights = model.get_weights()
+    learner.observe(model.step(xs[2 * W - 1], masks[2 * W - 1]))
+    assert learner.stats.discarded == 1 and learner.stats.updates == 0
+    assert learner.version == 0
+    assert all(np.array_equal(a, b) for a, b in zip(weights, model.get_weights(), strict=True))
+    feed(model, learner, xs[2 * W :], masks[2 * W :])  # the next window is clean again
+    assert learner.stats.updates == 1 and learner.version == 1
+
+
+def test_rollback_restores_previous_weights_and_states():
+    cfg = config(shadow_steps=3, rollback_threshold=0.1, learning_rate=50.0, clipnorm=1e6)
+    model = StatefulLSTM(cfg, S)
+    learner = OnlineLearner(model, cfg)
+    xs, masks = data(6, steps=2 * W + 4)
+    feed(model, learner, xs[: 2 * W - 1], masks[: 2 * W - 1])
+    old_weights = model.get_weights()
+    # Run a twin with the old weights on the same batches: after the rollback the live
+    # states must be exactly the twin's (what the old weights would have produced).
+    twin = StatefulLSTM(cfg, S)
+    twin.set_weights(old_weights)
+    for name, var in model.bank.vars.items():
+        twin.bank.vars[name].assign(var.numpy())
+    for t in range(2 * W - 1, 2 * W + 4):
+        shadow = learner.shadow_step(xs[t], masks[t])
+        learner.observe(model.step(xs[t], masks[t]), shadow)
+        twin.step(xs[t], masks[t])
+    assert learner.stats.updates == 1
+    assert learner.stats.rollbacks == 1, "a learning rate of 50 should make things worse"
+    assert learner.version == 0
+    for a, b in zip(old_weights, model.get_weights(), strict=True):
+        assert np.array_equal(a, b)
+    for (h, c), (th, tc) in zip(model.states(), twin.states(), strict=True):
+        np.testing.assert_allclose(h, th, atol=1e-6)
+        np.testing.assert_allclose(c, tc, atol=1e-6)
