@@ -101,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--seed", type=int, default=0)
     step.add_argument("--budget", type=float, default=3.0, help="seconds per measurement")
     step.add_argument("--json", action="store_true", help="JSON only (default prints JSON too)")
+    learn = bench_sub.add_parser("learn", help="online learning on known dynamics with a shift")
+    learn.add_argument("--entities", type=_positive_int, default=400)
+    learn.add_argument("--steps", type=_positive_int, default=3000)
+    learn.add_argument("--seed", type=int, default=0)
+    learn.add_argument("--json", action="store_true", help="JSON only (default prints JSON too)")
     e2e = bench_sub.add_parser("e2e", help="the engine end to end vs bare Kafka baselines")
     e2e.add_argument("--entities", type=_positive_int, default=400)
     e2e.add_argument("--steps", type=_positive_int, default=2000)
@@ -188,6 +193,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .benchmarks import step as bench_step
 
             print(json.dumps(bench_step.run(args.entities, seed=args.seed, budget_s=args.budget)))
+            return EXIT_OK
+        if args.command == "bench" and args.bench == "learn":
+            from .benchmarks import learn as bench_learn
+
+            print(
+                json.dumps(
+                    bench_learn.run(entities=args.entities, steps=args.steps, seed=args.seed)
+                )
+            )
             return EXIT_OK
         if args.command == "bench" and args.bench == "e2e":
             from .benchmarks import e2e as bench_e2e

@@ -212,8 +212,8 @@ class LearnConfig:
 
     enabled: bool = False
     window: int = 64  # batches (closed steps) per truncated-BPTT window
-    update_every: int = 16  # batches between updates
-    learning_rate: float = 1e-3
+    update_every: int = 8  # batches between updates
+    learning_rate: float = 5e-3
     clipnorm: float = 1.0
     loss: LossName = "mse"
     # After an update, replay the window with the new weights from the stored window-start
@@ -221,7 +221,8 @@ class LearnConfig:
     refresh_states: bool = True
     # Shadow comparison: an update whose next `shadow_steps` one-step errors are more than
     # `rollback_threshold` (relative) worse than the previous weights' is rolled back. 0: off.
-    shadow_steps: int = 16
+    # Updates wait while a comparison runs, so keep shadow_steps < update_every.
+    shadow_steps: int = 4
     rollback_threshold: float = 0.25
     # Exponential forgetting of the prequential scores, in batches.
     prequential_halflife: float = 200.0

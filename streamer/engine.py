@@ -92,14 +92,14 @@ class Engine:
         *,
         clock: Callable[[], float] = time.time,
         progress_every_s: float = 5.0,
-        weights_version: int = 0,
     ) -> None:
         self.config = config
         self.core = Forecaster(config, clock)
         self.store = store
         self.io = io
         self.stats = EngineStats()
-        self.weights_version = weights_version
+        if self.core.learner is not None:
+            self.core.learner.on_update = self._save_weights
         self._topic = config.kafka.input_topic
         self._interval = config.stream.interval
         self._layout = self.core.layout
@@ -187,12 +187,8 @@ class Engine:
             return {}
         self._tokens.update(self.store.acquire(self._topic, new))
         loaded = self.store.load(self._topic, new, self._layout)
-        if loaded.weights_version is not None and loaded.weights_version != self.weights_version:
-            log.warning(
-                "checkpoint names weights version %d, running %d",
-                loaded.weights_version,
-                self.weights_version,
-            )
+        if loaded.weights_version and loaded.weights_version != self.weights_version:
+            self._load_weights(loaded.weights_version)
         if loaded.entities:
             names = [e.entity for e in loaded.entities]
             rows = np.stack([e.row for e in loaded.entities])
@@ -216,6 +212,30 @@ class Engine:
             if p in loaded.positions:
                 self._next_offset[p] = loaded.positions[p]
         return {p: loaded.positions.get(p) for p in new}
+
+    @property
+    def weights_version(self) -> int:
+        """The weights version forecasts and states are computed with (0: initial weights)."""
+        return self.core.weights_version
+
+    def _save_weights(self, version: int) -> None:
+        """Store a new weights version before any checkpoint can name it."""
+        learner = self.core.learner
+        if learner is None:
+            return
+        self.store.put_weights(version, learner.export_weights(), self.config.learn.keep_versions)
+        log.info("weights version %d stored", version)
+
+    def _load_weights(self, version: int) -> None:
+        """Resume with the weights version the checkpoint's states were computed with."""
+        blob = self.store.get_weights(version)
+        if blob is None or self.core.learner is None:
+            raise StateError(
+                f"the checkpoint names weights version {version}, which "
+                + ("is not in the store" if blob is None else "needs learn.enabled = true")
+            )
+        self.core.learner.import_weights(blob, version)
+        log.info("resumed with weights version %d", version)
 
     def _on_revoked(self, partitions: list[int]) -> None:
         mine = [p for p in partitions if p in self._tokens]

@@ -31,7 +31,9 @@ import numpy as np
 import tensorflow as tf
 
 from .config import Config, LearnConfig
+from .errors import StateError
 from .model import StatefulLSTM, StepOutput
+from .state.format import pack_arrays, unpack_arrays
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,7 @@ class OnlineLearner:
         self.optimizer.build(model.weights)
         self._train_fn = tf.function(self._train_graph, reduce_retracing=True)
         self._shadow: _Shadow | None = None
+        self._shadow_model: StatefulLSTM | None = None  # reused: building one compiles a step
         self.on_update: Any = None  # callback(version, weights) after an accepted update
 
     # ------------------------------------------------------------------ bookkeeping
@@ -104,8 +107,8 @@ class OnlineLearner:
         for snap in self._snapshots.values():
             for i, (h, c) in enumerate(snap):
                 snap[i] = (np.pad(h, ((0, pad), (0, 0))), np.pad(c, ((0, pad), (0, 0))))
-        if self._shadow is not None:
-            self._shadow.model.grow(capacity)
+        if self._shadow_model is not None:
+            self._shadow_model.grow(capacity)
 
     def forget_rows(self, slots: list[int] | np.ndarray) -> None:
         """A slot changed hands: its window history and stored start states are void."""
@@ -117,6 +120,25 @@ class OnlineLearner:
                 c[idx] = 0.0
         if self._shadow is not None:
             self._shadow.model.reset_rows(idx)
+
+    def export_weights(self) -> bytes:
+        """This version's weights and optimizer state as one blob (state/format.py)."""
+        arrays = {f"w{i}": w for i, w in enumerate(self.model.get_weights())}
+        arrays |= {f"opt{i}": np.asarray(v.numpy()) for i, v in enumerate(self.optimizer.variables)}
+        return pack_arrays(arrays)
+
+    def import_weights(self, blob: bytes, version: int) -> None:
+        arrays = unpack_arrays(blob)
+        n_w = len(self.model.weights)
+        n_o = len(self.optimizer.variables)
+        if set(arrays) != {f"w{i}" for i in range(n_w)} | {f"opt{i}" for i in range(n_o)}:
+            raise StateError(f"weights version {version} does not fit this model")
+        self.model.set_weights([arrays[f"w{i}"] for i in range(n_w)])
+        for i, var in enumerate(self.optimizer.variables):
+            if tuple(var.shape) != arrays[f"opt{i}"].shape:
+                raise StateError(f"weights version {version}: optimizer state does not fit")
+            var.assign(arrays[f"opt{i}"])
+        self.version = version
 
     # ------------------------------------------------------------------ per batch
 
@@ -249,7 +271,10 @@ class OnlineLearner:
         old_states: list[tuple[np.ndarray, np.ndarray]],
         old_version: int,
     ) -> None:
-        shadow = StatefulLSTM(self.config, self.model.capacity)
+        shadow = self._shadow_model
+        if shadow is None:
+            shadow = self._shadow_model = StatefulLSTM(self.config, self.model.capacity)
+        shadow.grow(self.model.capacity)
         shadow.set_weights(old_weights)
         live = self.model.bank.numpy()
         for i, (h, c) in enumerate(old_states):

@@ -157,6 +157,7 @@ class StatefulLSTM:
         self.head.build((None, in_dim))
         self.bank = StateBank(self._row_shapes(), capacity)
         self._step_fn = self._compile()
+        self._replay_fn: Any = None
 
     # ---------------------------------------------------------------- public API
 
@@ -240,7 +241,11 @@ class StatefulLSTM:
         self, inputs: np.ndarray, mask: np.ndarray, start: Sequence[tuple[np.ndarray, np.ndarray]]
     ) -> list[tuple[np.ndarray, np.ndarray]]:
         """Final (h, c) per layer after replaying the window from `start` (no gradients)."""
-        _, finals = self.window_forward(
+        if self._replay_fn is None:
+            self._replay_fn = tf.function(
+                lambda x, m, s: self.window_forward(x, m, s)[1], reduce_retracing=True
+            )
+        finals = self._replay_fn(
             tf.constant(inputs),
             tf.constant(mask),
             [(tf.constant(h), tf.constant(c)) for h, c in start],

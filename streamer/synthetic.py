@@ -3,12 +3,15 @@
 Each entity i ("SYN00042") has a price and an observed signal::
 
     s[t] = rho_i * s[t-1] + u[t],                 u ~ N(0, 1 - rho_i^2)   (unit variance)
-    r[t] = a_i * r[t-1] + b_i * tanh(2 * s[t-1]) + sigma_i * e[t],   e ~ N(0, 1)
+    r[t] = a_i * r[t-1] + vol_i * (b_i * tanh(2 * s[t-1]) + NOISE * e[t]),   e ~ N(0, 1)
     price[t] = price[t-1] * exp(r[t])
 
 so the log-return r[t] is predictable from what was observed at t-1 up to the noise
-sigma_i * e[t]: the best possible one-step MSE (the oracle) is mean(sigma_i^2). An optional
-regime shift changes (a_i, b_i) at a given step, which online learning must recover from.
+vol_i * NOISE * e[t]: the best possible one-step MSE (the oracle) is mean((vol_i * NOISE)^2).
+The coefficients are entity-specific but scattered around a common regime (a, b), and the
+scale vol_i differs by a factor of five across entities: per-entity normalisation is what
+lets one model serve them all. An optional regime shift flips the regime at a given step,
+which online learning must recover from.
 Event times are spread inside each step (jitter) and arrive interleaved across entities.
 """
 
@@ -19,6 +22,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+# Regimes (a, b) before and after the shift, and the noise, in units of each entity's vol.
+REGIME = (0.3, 1.0)
+SHIFTED = (-0.2, -1.0)
+NOISE = 0.5
 
 # 2026-01-01T00:00:00Z: synthetic streams start here so that event-time checks pass.
 DEFAULT_START_TS = 1_767_225_600.0
@@ -43,13 +51,14 @@ class SyntheticMarket:
     def params(self) -> dict[str, np.ndarray]:
         rng = np.random.default_rng([self.seed, 1])
         n = self.entities
+        vol = rng.uniform(0.002, 0.01, n)
         return {
-            "a": rng.uniform(-0.3, 0.5, n),
-            "b": rng.uniform(0.004, 0.012, n) * rng.choice([-1.0, 1.0], n),
-            "a_shift": rng.uniform(-0.3, 0.5, n),
-            "b_shift": rng.uniform(0.004, 0.012, n) * rng.choice([-1.0, 1.0], n),
-            "rho": rng.uniform(0.5, 0.95, n),
-            "sigma": rng.uniform(0.002, 0.006, n),
+            "a": REGIME[0] + rng.uniform(-0.05, 0.05, n),
+            "b": REGIME[1] * rng.uniform(0.8, 1.2, n) * vol,
+            "a_shift": SHIFTED[0] + rng.uniform(-0.05, 0.05, n),
+            "b_shift": SHIFTED[1] * rng.uniform(0.8, 1.2, n) * vol,
+            "rho": rng.uniform(0.5, 0.9, n),
+            "sigma": NOISE * vol,
             "price0": rng.uniform(10.0, 500.0, n),
         }
 

@@ -23,6 +23,7 @@ import struct
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -133,3 +134,70 @@ def decode_rows(
         who = f'entity "{names[bad]}"' if names is not None else f"blob {bad}"
         raise StateError(f"{who}: state holds non-finite values")
     return rows, steps
+
+
+# ---------------------------------------------------------------------- named arrays
+
+ARRAYS_MAGIC = b"STRA"
+_ARRAYS_HEAD = struct.Struct("<4sHI")  # magic, version, header length
+_DTYPES: dict[str, np.dtype[Any]] = {
+    "f4": np.dtype("<f4"),
+    "i8": np.dtype("<i8"),
+    "u1": np.dtype("u1"),
+}
+
+
+def pack_arrays(arrays: Mapping[str, np.ndarray]) -> bytes:
+    """Named arrays -> bytes: a JSON header (names, dtypes, shapes) then raw LE data.
+
+    Used for weights, optimizer state and learner buffers; like safetensors, it can hold
+    nothing but plain numbers, so reading it back can never run code.
+    """
+    entries = []
+    chunks = []
+    offset = 0
+    for name, value in arrays.items():
+        a = np.asarray(value)
+        if a.dtype == np.bool_:
+            a = a.astype(np.uint8)
+        code = {"f": "f4", "i": "i8", "u": "u1"}.get(a.dtype.kind)
+        if code is None:
+            raise StateError(f'array "{name}" has unsupported dtype {a.dtype}')
+        data = np.ascontiguousarray(a, dtype=_DTYPES[code]).tobytes()
+        entries.append({"name": name, "dtype": code, "shape": list(a.shape), "offset": offset})
+        chunks.append(data)
+        offset += len(data)
+    header = json.dumps({"arrays": entries}, separators=(",", ":")).encode()
+    return _ARRAYS_HEAD.pack(ARRAYS_MAGIC, FORMAT_VERSION, len(header)) + header + b"".join(chunks)
+
+
+def unpack_arrays(blob: bytes) -> dict[str, np.ndarray]:
+    """Inverse of pack_arrays; validates the header and every extent."""
+    try:
+        magic, version, hlen = _ARRAYS_HEAD.unpack_from(blob)
+    except struct.error:
+        raise StateError("array blob is too short") from None
+    if magic != ARRAYS_MAGIC:
+        raise StateError(f"array blob has magic {magic!r}, expected {ARRAYS_MAGIC!r}")
+    if version != FORMAT_VERSION:
+        raise StateError(f"array blob format version {version} is not supported")
+    start = _ARRAYS_HEAD.size + hlen
+    try:
+        header = json.loads(blob[_ARRAYS_HEAD.size : start])
+        out = {}
+        for e in header["arrays"]:
+            dtype = _DTYPES[e["dtype"]]
+            shape = tuple(int(d) for d in e["shape"])
+            count = int(np.prod(shape))
+            begin = start + int(e["offset"])
+            end = begin + count * dtype.itemsize
+            if begin < start or end > len(blob):
+                raise StateError(f'array "{e["name"]}" runs past the end of the blob')
+            out[str(e["name"])] = np.frombuffer(
+                blob, dtype=dtype, count=count, offset=begin
+            ).reshape(shape)
+    except StateError:
+        raise
+    except (ValueError, KeyError, TypeError) as exc:
+        raise StateError(f"array blob header is not valid: {exc}") from None
+    return out

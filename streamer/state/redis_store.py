@@ -5,6 +5,7 @@ Keys (the `{namespace}` hash tag keeps one engine group's keys in one cluster sl
     streamer:{ns}:layout                 the row layout (JSON) the states were written with
     streamer:{ns}:meta                   hash: weights_version, step of the last checkpoint
     streamer:{ns}:latest                 hash: entity -> latest forecast message
+    streamer:{ns}:weights                hash: version -> weights + optimizer (format.py)
     streamer:{ns}:p:<topic>:<n>:owner    fencing token of partition n (INCR on acquire)
     streamer:{ns}:p:<topic>:<n>:pos      next offset to read in partition n
     streamer:{ns}:p:<topic>:<n>:step     last closed step at that position
@@ -159,6 +160,20 @@ class RedisStore:
             p = parts[int(reply[1]) - 1]
             raise FencedError(checkpoint.topic, p, tokens.get(p, -1), int(reply[2]))
         return sum(map(len, blobs))
+
+    def put_weights(self, version: int, blob: bytes, keep: int) -> None:
+        key = f"{self._ns}:weights"
+        pipe = self._r.pipeline(transaction=True)
+        pipe.hset(key, str(version), blob)
+        pipe.hkeys(key)
+        _, versions = self._call(pipe.execute)
+        stale = sorted(int(v) for v in versions)[:-keep]
+        if stale:
+            self._call(self._r.hdel, key, *[str(v) for v in stale])
+
+    def get_weights(self, version: int) -> bytes | None:
+        value = self._call(self._r.hget, f"{self._ns}:weights", str(version))
+        return bytes(value) if value is not None else None
 
     def put_latest(self, forecasts: Mapping[str, bytes]) -> None:
         if forecasts:

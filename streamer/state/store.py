@@ -72,6 +72,12 @@ class StateStore(Protocol):
         """Remember the latest forecast message of each entity."""
         ...
 
+    def put_weights(self, version: int, blob: bytes, keep: int) -> None:
+        """Store a weights version (weights + optimizer state); keep the newest `keep`."""
+        ...
+
+    def get_weights(self, version: int) -> bytes | None: ...
+
     def get_latest(self, entity: str) -> bytes | None: ...
 
     def close(self) -> None: ...
@@ -106,6 +112,17 @@ class MemoryStore:
         self._layout: str | None = None
         self._weights_version: int | None = None
         self._latest: dict[str, bytes] = {}
+        self._weights: dict[int, bytes] = {}
+
+    def put_weights(self, version: int, blob: bytes, keep: int) -> None:
+        with self._lock:
+            self._weights[version] = blob
+            for old in sorted(self._weights)[:-keep]:
+                del self._weights[old]
+
+    def get_weights(self, version: int) -> bytes | None:
+        with self._lock:
+            return self._weights.get(version)
 
     def acquire(self, topic: str, partitions: Iterable[int]) -> dict[int, int]:
         with self._lock:
