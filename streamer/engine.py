@@ -193,9 +193,12 @@ class Engine:
             names = [e.entity for e in loaded.entities]
             rows = np.stack([e.row for e in loaded.entities])
             steps = np.array([e.last_step for e in loaded.entities], dtype=np.int64)
-            self.core.restore_rows(names, rows, steps)
+            self.core.restore_rows(names, rows, steps, [e.slot for e in loaded.entities])
             for e in loaded.entities:
                 self._partition_of[e.entity] = e.partition
+        if loaded.extra is not None and self.core.learner is not None:
+            # The learner's window is indexed by row: entities went back to their rows above.
+            self.core.learner.import_state(loaded.extra)
         if (
             loaded.steps
             and self.core.aligner.last_closed_step is None
@@ -380,7 +383,7 @@ class Engine:
         slots = self.core.take_dirty()
         names, rows, steps = self.core.export_rows(slots)
         entities = [
-            EntityState(name, self._partition_of[name], int(steps[i]), rows[i])
+            EntityState(name, self._partition_of[name], int(steps[i]), rows[i], slots[i])
             for i, name in enumerate(names)
             if name in self._partition_of
         ]
@@ -391,6 +394,7 @@ class Engine:
             entities=entities,
             step=self.core.aligner.last_closed_step,
             weights_version=self.weights_version,
+            extra=self.core.learner.export_state() if self.core.learner is not None else None,
         )
         try:
             nbytes = self.store.commit(cp, self._tokens, self._layout)

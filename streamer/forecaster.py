@@ -172,13 +172,34 @@ class Forecaster:
         rows = self.layout.flatten(self.model.bank.read_rows(slots))
         return entities, rows, self.last_step[slots].copy()
 
-    def restore_rows(self, entities: list[str], rows: np.ndarray, last_steps: np.ndarray) -> None:
-        """Put checkpointed rows back: each entity gets a slot and exactly its stored state."""
-        slots = [self.registry.assign(e) for e in entities]
+    def restore_rows(
+        self,
+        entities: list[str],
+        rows: np.ndarray,
+        last_steps: np.ndarray,
+        slots_hint: list[int] | None = None,
+    ) -> list[int]:
+        """Put checkpointed rows back: each entity gets a slot and exactly its stored state.
+
+        With `slots_hint` (the rows they had), entities return to those rows when free;
+        the slots they got are returned (a moved entity's row-indexed history is void).
+        """
+        slots = []
+        moved = []
+        for i, entity in enumerate(entities):
+            hint = slots_hint[i] if slots_hint is not None else -1
+            if hint >= 0 and self.registry.place(entity, hint):
+                slots.append(hint)
+            else:
+                slots.append(self.registry.assign(entity))
+                moved.append(slots[-1])
         self._sync_capacity()
+        if moved and slots_hint is not None:
+            self._forget(moved)
         if slots:
             self.model.bank.write_rows(slots, self.layout.unflatten(rows))
             self.last_step[slots] = last_steps
+        return slots
 
     def _sync_capacity(self) -> None:
         cap = self.registry.capacity

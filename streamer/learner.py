@@ -140,6 +140,101 @@ class OnlineLearner:
             var.assign(arrays[f"opt{i}"])
         self.version = version
 
+    def export_state(self) -> bytes:
+        """Everything an exact resume needs besides weights: window, start states, shadow."""
+        a: dict[str, np.ndarray] = {
+            "inputs": self._inputs,
+            "valid": self._valid,
+            "target": self._target,
+            "mean": self._mean,
+            "std": self._std,
+            "counters": np.array(
+                [
+                    self.batches,
+                    self.version,
+                    self.stats.updates,
+                    self.stats.discarded,
+                    self.stats.rollbacks,
+                ],
+                np.int64,
+            ),
+            "snapshot_keys": np.array(sorted(self._snapshots), np.int64),
+        }
+        for key, snap in self._snapshots.items():
+            for i, (h, c) in enumerate(snap):
+                a[f"snap{key}_h{i}"], a[f"snap{key}_c{i}"] = h, c
+        sh = self._shadow
+        if sh is not None:
+            a["shadow_counters"] = np.array([sh.old_version, sh.remaining, sh.n], np.int64)
+            a["shadow_se"] = np.array([sh.se_new, sh.se_old], np.float64).view(np.int64)
+            for i, w in enumerate(sh.old_weights):
+                a[f"shadow_w{i}"] = w
+            for i, o in enumerate(sh.old_optimizer):
+                a[f"shadow_opt{i}"] = o
+            for name, v in sh.model.bank.numpy().items():
+                a[f"shadow_bank_{name}"] = v
+            if sh.prev_valid is not None and sh.prev_new is not None and sh.prev_old is not None:
+                a["shadow_prev"] = np.stack([sh.prev_new, sh.prev_old]).view(np.int64)
+                a["shadow_prev_valid"] = sh.prev_valid
+        return pack_arrays(a)
+
+    def import_state(self, blob: bytes) -> None:
+        a = unpack_arrays(blob)
+        try:
+            cap = a["valid"].shape[1]
+            self.grow(cap)
+            if self._valid.shape != a["valid"].shape or self._inputs.shape != a["inputs"].shape:
+                raise StateError(
+                    f"learner window {a['inputs'].shape} does not fit {self._inputs.shape}"
+                )
+            self._inputs = a["inputs"].astype(np.float32)
+            self._valid = a["valid"].astype(bool)
+            self._target = a["target"].astype(np.float32)
+            self._mean = a["mean"].astype(np.float32)
+            self._std = a["std"].astype(np.float32)
+            c = a["counters"]
+            self.batches, self.version = int(c[0]), int(c[1])
+            self.stats.updates, self.stats.discarded, self.stats.rollbacks = map(int, c[2:5])
+            layers = len(self.model.lstm_layers)
+            self._snapshots = {
+                int(k): [
+                    (a[f"snap{k}_h{i}"].copy(), a[f"snap{k}_c{i}"].copy()) for i in range(layers)
+                ]
+                for k in a["snapshot_keys"]
+            }
+            self._shadow = None
+            if "shadow_counters" in a:
+                sc = a["shadow_counters"]
+                n_w = len(self.model.weights)
+                n_o = len(self.optimizer.variables)
+                old_w = [a[f"shadow_w{i}"].copy() for i in range(n_w)]
+                old_o = [a[f"shadow_opt{i}"].copy() for i in range(n_o)]
+                shadow = self._shadow_model
+                if shadow is None:
+                    shadow = self._shadow_model = StatefulLSTM(self.config, self.model.capacity)
+                shadow.grow(self.model.capacity)
+                shadow.set_weights(old_w)
+                for name, var in shadow.bank.vars.items():
+                    var.assign(a[f"shadow_bank_{name}"])
+                se = a["shadow_se"].view(np.float64)
+                sh = _Shadow(
+                    shadow,
+                    old_w,
+                    old_o,
+                    int(sc[0]),
+                    int(sc[1]),
+                    float(se[0]),
+                    float(se[1]),
+                    int(sc[2]),
+                )
+                if "shadow_prev" in a:
+                    prev = a["shadow_prev"].view(np.float64)
+                    sh.prev_new, sh.prev_old = prev[0].copy(), prev[1].copy()
+                    sh.prev_valid = a["shadow_prev_valid"].astype(bool)
+                self._shadow = sh
+        except KeyError as exc:
+            raise StateError(f"learner state lacks {exc}") from None
+
     # ------------------------------------------------------------------ per batch
 
     def shadow_step(self, x: np.ndarray, mask: np.ndarray) -> np.ndarray | None:

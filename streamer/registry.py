@@ -65,6 +65,24 @@ class SlotRegistry:
         self._entity_at[slot] = entity
         return slot
 
+    def place(self, entity: str, slot: int) -> bool:
+        """Put an entity back at the row it had (restore); False if that row is taken.
+
+        Grows the capacity as `assign` would until the row exists. Restoring the same rows
+        keeps everything indexed by row (the learner's window) valid across a restart.
+        """
+        if entity in self._slot_of:
+            return self._slot_of[entity] == slot
+        while slot >= self._capacity:
+            self._grow(entity)
+        if self._entity_at[slot] is not None:
+            return False
+        self._free.remove(slot)
+        heapq.heapify(self._free)
+        self._slot_of[entity] = slot
+        self._entity_at[slot] = entity
+        return True
+
     def remove(self, entity: str) -> int:
         """Free the entity's slot and return it; the caller must reset that row's state."""
         slot = self._slot_of.pop(entity)

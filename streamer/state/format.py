@@ -8,7 +8,8 @@ No pickle anywhere. One entity's blob is::
     6      2     reserved, 0
     8      4     layout id: CRC-32 of the layout's canonical JSON (uint32 LE)
     12     8     last applied step (int64 LE); INT64_MIN means "none yet"
-    20     4*n   the row: n float32 LE values, in layout order
+    20     4     batch row (slot) the entity had (uint32 LE); 0xFFFFFFFF: unknown
+    24     4*n   the row: n float32 LE values, in layout order
 
 The layout (names and sizes of the state tensors of one row: h and c of every layer,
 normalisation statistics, previous target) is stored once beside the blobs. Every blob read
@@ -32,8 +33,9 @@ from ..errors import StateError
 MAGIC = b"STRE"
 FORMAT_VERSION = 1
 NO_STEP = -(2**63)
-_HEADER = struct.Struct("<4sHHIq")
-HEADER_SIZE = _HEADER.size  # 20
+_HEADER = struct.Struct("<4sHHIqI")
+HEADER_SIZE = _HEADER.size  # 24
+NO_SLOT = 0xFFFFFFFF
 
 
 @dataclass(frozen=True)
@@ -93,34 +95,42 @@ class RowLayout:
         return out
 
 
-def encode_rows(layout: RowLayout, rows: np.ndarray, last_steps: Sequence[int]) -> list[bytes]:
+def encode_rows(
+    layout: RowLayout,
+    rows: np.ndarray,
+    last_steps: Sequence[int],
+    slots: Sequence[int] | None = None,
+) -> list[bytes]:
     """One blob per row of `rows` [n, layout.size]."""
     rows = np.ascontiguousarray(rows, dtype="<f4")
     if rows.ndim != 2 or rows.shape[1] != layout.size:
         raise StateError(f"state rows have shape {rows.shape}, expected (n, {layout.size})")
     lid = layout.layout_id
+    if slots is None:
+        slots = [NO_SLOT] * len(rows)
     return [
-        _HEADER.pack(MAGIC, FORMAT_VERSION, 0, lid, int(step)) + row.tobytes()
-        for row, step in zip(rows, last_steps, strict=True)
+        _HEADER.pack(MAGIC, FORMAT_VERSION, 0, lid, int(step), int(slot) & NO_SLOT) + row.tobytes()
+        for row, step, slot in zip(rows, last_steps, slots, strict=True)
     ]
 
 
 def decode_rows(
     layout: RowLayout, blobs: Sequence[bytes], names: Sequence[str] | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Blobs -> (rows float32 [n, size], last_steps int64 [n]); validates every blob."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Blobs -> (rows float32 [n, size], last_steps int64 [n], slots int64 [n]; -1 unknown)."""
     n = len(blobs)
     size = layout.size
     expected_len = HEADER_SIZE + 4 * size
     lid = layout.layout_id
     rows = np.empty((n, size), np.float32)
     steps = np.empty(n, np.int64)
+    slots = np.empty(n, np.int64)
     for i, blob in enumerate(blobs):
         who = f'entity "{names[i]}"' if names is not None else f"blob {i}"
         if not isinstance(blob, bytes | bytearray) or len(blob) != expected_len:
             got = len(blob) if isinstance(blob, bytes | bytearray) else type(blob).__name__
             raise StateError(f"{who}: state blob has {got} bytes, expected {expected_len}")
-        magic, version, _reserved, blob_lid, step = _HEADER.unpack_from(blob)
+        magic, version, _reserved, blob_lid, step, slot = _HEADER.unpack_from(blob)
         if magic != MAGIC:
             raise StateError(f"{who}: state blob has magic {magic!r}, expected {MAGIC!r}")
         if version != FORMAT_VERSION:
@@ -129,11 +139,12 @@ def decode_rows(
             raise StateError(f"{who}: state was written with another model layout")
         rows[i] = np.frombuffer(blob, dtype="<f4", offset=HEADER_SIZE)
         steps[i] = step
+        slots[i] = -1 if slot == NO_SLOT else slot
     if not np.isfinite(rows).all():
         bad = int(np.flatnonzero(~np.isfinite(rows).all(axis=1))[0])
         who = f'entity "{names[bad]}"' if names is not None else f"blob {bad}"
         raise StateError(f"{who}: state holds non-finite values")
-    return rows, steps
+    return rows, steps, slots
 
 
 # ---------------------------------------------------------------------- named arrays

@@ -4,6 +4,7 @@ Keys (the `{namespace}` hash tag keeps one engine group's keys in one cluster sl
 
     streamer:{ns}:layout                 the row layout (JSON) the states were written with
     streamer:{ns}:meta                   hash: weights_version, step of the last checkpoint
+    streamer:{ns}:extra                  engine-wide state of the checkpoint (learner window)
     streamer:{ns}:latest                 hash: entity -> latest forecast message
     streamer:{ns}:weights                hash: version -> weights + optimizer (format.py)
     streamer:{ns}:p:<topic>:<n>:owner    fencing token of partition n (INCR on acquire)
@@ -63,6 +64,7 @@ for i = 1, n do
 end
 redis.call('SET', KEYS[4 * n + 1], ARGV[2])
 redis.call('HSET', KEYS[4 * n + 2], 'weights_version', ARGV[3], 'step', ARGV[4])
+if ARGV[a] == '1' then redis.call('SET', KEYS[4 * n + 3], ARGV[a + 1]) end
 return {'ok'}
 """.replace("CHUNK", str(_CHUNK))
 
@@ -104,13 +106,18 @@ class RedisStore:
         pipe = self._r.pipeline(transaction=True)
         pipe.get(f"{self._ns}:layout")
         pipe.hget(f"{self._ns}:meta", "weights_version")
+        pipe.get(f"{self._ns}:extra")
         for p in parts:
             pipe.get(self._key(topic, p, "pos"))
             pipe.get(self._key(topic, p, "step"))
             pipe.hgetall(self._key(topic, p, "rows"))
         replies = self._call(pipe.execute)
-        stored_layout, weights_version = replies[0], replies[1]
-        out = LoadedState(weights_version=_int_or_none(weights_version, "weights_version"))
+        stored_layout, weights_version, extra = replies[0], replies[1], replies[2]
+        replies = replies[1:]  # keep the per-partition indexing below
+        out = LoadedState(
+            weights_version=_int_or_none(weights_version, "weights_version"),
+            extra=bytes(extra) if extra is not None else None,
+        )
         any_rows = any(replies[4 + 3 * i] for i in range(len(parts)))
         if any_rows and stored_layout is not None and stored_layout.decode() != layout.to_json():
             raise StateError(
@@ -147,7 +154,7 @@ class RedisStore:
         keys: list[str] = []
         for p in parts:
             keys += [self._key(checkpoint.topic, p, w) for w in ("owner", "pos", "step", "rows")]
-        keys += [f"{self._ns}:layout", f"{self._ns}:meta"]
+        keys += [f"{self._ns}:layout", f"{self._ns}:meta", f"{self._ns}:extra"]
         step = "" if checkpoint.step is None else str(checkpoint.step)
         args: list[Any] = [len(parts), layout.to_json(), checkpoint.weights_version, step]
         args += [str(tokens.get(p, -1)) for p in parts]
@@ -155,6 +162,7 @@ class RedisStore:
             pos = checkpoint.positions.get(p)
             args += ["" if pos is None else str(pos), len(sets[p]) // 2, len(dels[p])]
             args += sets[p] + dels[p]
+        args += ["1", checkpoint.extra] if checkpoint.extra is not None else ["0", ""]
         reply = self._call(self._commit_script, keys=keys, args=args)
         if reply[0] == b"fenced":
             p = parts[int(reply[1]) - 1]

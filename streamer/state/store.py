@@ -33,6 +33,7 @@ class EntityState:
     partition: int
     last_step: int  # NO_STEP when the entity never advanced
     row: np.ndarray  # float32 [layout.size]
+    slot: int = -1  # the batch row it had; -1: unknown
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,9 @@ class Checkpoint:
     removed: Sequence[tuple[int, str]] = ()  # (partition, entity) forgotten for good
     step: int | None = None  # last closed step
     weights_version: int = 0
+    # Opaque engine-wide state written atomically with the rest (the learner's window),
+    # None to leave what is stored untouched.
+    extra: bytes | None = None
 
 
 @dataclass
@@ -51,6 +55,7 @@ class LoadedState:
     entities: list[EntityState] = field(default_factory=list)
     steps: dict[int, int] = field(default_factory=dict)  # partition -> last closed step
     weights_version: int | None = None
+    extra: bytes | None = None
 
 
 class StateStore(Protocol):
@@ -87,16 +92,16 @@ def rows_and_steps(entities: Sequence[EntityState], layout: RowLayout) -> list[b
     if not entities:
         return []
     rows = np.stack([e.row for e in entities])
-    return encode_rows(layout, rows, [e.last_step for e in entities])
+    return encode_rows(layout, rows, [e.last_step for e in entities], [e.slot for e in entities])
 
 
 def to_entities(
     partition: int, names: Sequence[str], blobs: Sequence[bytes], layout: RowLayout
 ) -> list[EntityState]:
-    rows, steps = decode_rows(layout, blobs, names)
+    rows, steps, slots = decode_rows(layout, blobs, names)
     return [
-        EntityState(name, partition, int(step), rows[i])
-        for i, (name, step) in enumerate(zip(names, steps, strict=True))
+        EntityState(name, partition, int(steps[i]), rows[i], int(slots[i]))
+        for i, name in enumerate(names)
     ]
 
 
@@ -113,6 +118,7 @@ class MemoryStore:
         self._weights_version: int | None = None
         self._latest: dict[str, bytes] = {}
         self._weights: dict[int, bytes] = {}
+        self._extra: bytes | None = None
 
     def put_weights(self, version: int, blob: bytes, keep: int) -> None:
         with self._lock:
@@ -135,7 +141,7 @@ class MemoryStore:
 
     def load(self, topic: str, partitions: Iterable[int], layout: RowLayout) -> LoadedState:
         with self._lock:
-            out = LoadedState(weights_version=self._weights_version)
+            out = LoadedState(weights_version=self._weights_version, extra=self._extra)
             partitions = list(partitions)
             if (
                 self._layout is not None
@@ -172,6 +178,8 @@ class MemoryStore:
                 self._rows.get((checkpoint.topic, p), {}).pop(name, None)
             self._layout = layout.to_json()
             self._weights_version = checkpoint.weights_version
+            if checkpoint.extra is not None:
+                self._extra = checkpoint.extra
             return sum(map(len, blobs))
 
     def put_latest(self, forecasts: Mapping[str, bytes]) -> None:

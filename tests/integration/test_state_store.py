@@ -7,7 +7,7 @@ import pytest
 
 from streamer.errors import FencedError, StateError
 from streamer.state import Checkpoint, EntityState, MemoryStore, RowLayout
-from streamer.state.format import NO_STEP, encode_rows
+from streamer.state.format import HEADER_SIZE, NO_STEP, encode_rows
 from streamer.state.redis_store import RedisStore
 
 pytestmark = pytest.mark.integration
@@ -53,7 +53,7 @@ def test_commit_then_load_round_trips_rows_positions_and_steps(store):
     nbytes = store.commit(
         Checkpoint("t", {0: 10, 1: 20}, rows, step=7, weights_version=3), tokens, LAYOUT
     )
-    assert nbytes == 3 * (20 + 4 * LAYOUT.size)
+    assert nbytes == 3 * (HEADER_SIZE + 4 * LAYOUT.size)
     loaded = store.load("t", [0, 1], LAYOUT)
     assert loaded.positions == {0: 10, 1: 20}
     assert loaded.steps == {0: 7, 1: 7}

@@ -8,6 +8,7 @@ import pytest
 from streamer.codec import decode_event, encode_event, encode_forecast
 from streamer.errors import EventError, Reason, StateError
 from streamer.state.format import (
+    HEADER_SIZE,
     NO_STEP,
     RowLayout,
     decode_rows,
@@ -22,11 +23,13 @@ LAYOUT = RowLayout.from_shapes({"h0": (4,), "c0": (4,), "norm_mean": (2,)})
 def test_rows_round_trip_bit_for_bit():
     rows = np.random.default_rng(0).normal(size=(5, LAYOUT.size)).astype(np.float32)
     steps = [1, 2, NO_STEP, 4, 2**40]
-    blobs = encode_rows(LAYOUT, rows, steps)
-    assert all(len(b) == 20 + 4 * LAYOUT.size for b in blobs)
-    back, back_steps = decode_rows(LAYOUT, blobs)
+    blobs = encode_rows(LAYOUT, rows, steps, [0, 7, 3, 2**31, 1])
+    assert all(len(b) == HEADER_SIZE + 4 * LAYOUT.size for b in blobs)
+    back, back_steps, back_slots = decode_rows(LAYOUT, blobs)
     assert back.tobytes() == rows.tobytes()
     assert back_steps.tolist() == steps
+    assert back_slots.tolist() == [0, 7, 3, 2**31, 1]
+    assert decode_rows(LAYOUT, encode_rows(LAYOUT, rows[:1], [1]))[2].tolist() == [-1]
 
 
 def test_layout_flatten_unflatten_and_json():
