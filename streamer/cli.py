@@ -74,6 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--rate", type=float, help="events per second (default: as fast as possible)"
     )
 
+    model = sub.add_parser("model", help="export, warm start and pretrain model files")
+    model_sub = model.add_subparsers(dest="model_cmd", required=True)
+    export = model_sub.add_parser("export", help="write the weights to FILE.keras")
+    export.add_argument("file")
+    export.add_argument(
+        "--version", type=int, help="weights version in the store (default: initial)"
+    )
+    pre = model_sub.add_parser("pretrain", help="fit on a long-format CSV, write FILE.keras")
+    pre.add_argument("csv")
+    pre.add_argument("--out", required=True, help="the .keras file to write")
+    pre.add_argument("--passes", type=_positive_int, default=1)
+
     demo = sub.add_parser(
         "demo", help="the whole product on the embedded stack: broker, Redis, producer, engine"
     )
@@ -167,6 +179,32 @@ def main(argv: Sequence[str] | None = None) -> int:
                     rate=args.rate,
                 )
             print(json.dumps({"produced": n, "topic": config.kafka.input_topic}))
+            return EXIT_OK
+        if args.command == "model":
+            from .model_io import export_keras, pretrain
+
+            if args.model_cmd == "pretrain":
+                path = export_keras(pretrain(config, args.csv, passes=args.passes), args.out)
+            else:
+                from .forecaster import Forecaster
+
+                core = Forecaster(config)
+                if args.version:
+                    from .state.redis_store import RedisStore
+
+                    store = RedisStore(config.redis.url, config.namespace)
+                    blob = store.get_weights(args.version)
+                    if blob is None:
+                        print(
+                            f"streamer: weights version {args.version} not in the store",
+                            file=sys.stderr,
+                        )
+                        return EXIT_FAILURE
+                    from .learner import OnlineLearner
+
+                    OnlineLearner(core.model, config).import_weights(blob, args.version)
+                path = export_keras(core.model, args.file)
+            print(json.dumps({"written": str(path)}))
             return EXIT_OK
         if args.command == "demo" and not args.in_process:
             from .stack_demo import run_stack_demo

@@ -105,6 +105,9 @@ class ModelConfig:
     # z-scores are clipped so that one outlier cannot saturate a row's state.
     clip: float = 10.0
     jit: bool = True
+    # A `.keras` file exported by `streamer model export` (or pretrain) to start from; used
+    # only when the store holds no weights version yet.
+    init_weights: str = ""
 
     def __post_init__(self) -> None:
         if not self.units:

@@ -55,6 +55,10 @@ class Forecaster:
         self.prequential = Prequential(
             self.registry.capacity, config.model.horizon, config.learn.prequential_halflife
         )
+        if config.model.init_weights:
+            from .model_io import load_keras_weights
+
+            load_keras_weights(self.model, config.model.init_weights)
         self.learner = OnlineLearner(self.model, config) if config.learn.enabled else None
         self._target = config.stream.target_index
         self._transform = config.stream.target_transform
