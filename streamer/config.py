@@ -125,6 +125,9 @@ class CapacityConfig:
     initial: int = DEFAULT_INITIAL_CAPACITY
     max_entities: int = DEFAULT_MAX_ENTITIES
     growth: float = 2.0
+    # Entities without an event for this many steps are evicted after the next successful
+    # checkpoint (their state stays in the store and comes back if they do); 0: never.
+    evict_idle_steps: int = 0
 
     def __post_init__(self) -> None:
         _positive("capacity.initial", self.initial)
@@ -136,6 +139,7 @@ class CapacityConfig:
             )
         if not self.growth > 1.0:
             raise ConfigError("capacity.growth", f"must be > 1, got {self.growth}")
+        _non_negative("capacity.evict_idle_steps", self.evict_idle_steps)
 
 
 DEFAULT_BOOTSTRAP = "127.0.0.1:9092"

@@ -63,6 +63,8 @@ class EngineStats:
     checkpoint_bytes: list[int] = field(default_factory=list)
     last_checkpoint_at: float = 0.0
     rebalances: int = 0
+    evicted: int = 0
+    restored_after_eviction: int = 0
     step_ms: list[float] = field(default_factory=list)
     # Step closed -> its last forecast acknowledged by the broker (appended on the I/O thread).
     forecast_latency_ms: list[float] = field(default_factory=list)
@@ -80,6 +82,8 @@ class EngineStats:
             "checkpoints": self.checkpoints,
             "checkpoint_failures": self.checkpoint_failures,
             "rebalances": self.rebalances,
+            "evicted": self.evicted,
+            "restored_after_eviction": self.restored_after_eviction,
         }
 
 
@@ -115,6 +119,8 @@ class Engine:
         self._latest: dict[str, bytes] = {}  # newest forecast per entity, stored at checkpoints
         # partition -> monotonic time of its last record (idle partitions, see below)
         self._last_record_at: dict[int, float] = {}
+        # Entities evicted while idle: their state is in the store (entity -> partition).
+        self._evicted: dict[str, int] = {}
         self.on_step: Callable[[StepResult], None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -251,6 +257,7 @@ class Engine:
         except StateError as exc:
             log.error("checkpoint on revoke failed, the new owner replays more: %s", exc)
         gone = {e for e, p in self._partition_of.items() if p in mine}
+        self._evicted = {e: p for e, p in self._evicted.items() if p not in mine}
         self.core.remove_entities(gone)
         for e in gone:
             del self._partition_of[e]
@@ -278,7 +285,14 @@ class Engine:
                 continue  # fetched before a revoke; the new owner reads it
             try:
                 event = core.parser.parse(decode(rec.value, enc, limit))
-                status = core.ingest(event, rec.partition)
+                if event.entity in self._evicted:
+                    self._bring_back(event.entity)
+                try:
+                    status = core.ingest(event, rec.partition)
+                except EventError as exc:
+                    if exc.reason is not Reason.CAPACITY or not self._make_room():
+                        raise
+                    status = core.ingest(event, rec.partition)
             except EventError as exc:
                 self._dead_letter(rec, exc.reason, str(exc))
                 continue
@@ -299,6 +313,55 @@ class Engine:
             offsets = self._buffered.setdefault(step_of(event.ts, self._interval), {})
             if rec.partition not in offsets:
                 offsets[rec.partition] = rec.offset
+
+    def _bring_back(self, entity: str) -> None:
+        """An evicted entity reported again: restore its stored state before its event."""
+        partition = self._evicted.pop(entity)
+        stored = self.store.load_entity(self._topic, partition, entity, self._layout)
+        if stored is not None:
+            if len(self.core.registry) >= self.core.registry.max_entities and not self._make_room():
+                self._evicted[entity] = partition
+                raise EventError(
+                    Reason.CAPACITY,
+                    f'entity "{entity}" cannot come back: all rows are taken',
+                    entity,
+                )
+            self.core.restore_rows(
+                [entity], stored.row[None, :], np.array([stored.last_step], dtype=np.int64)
+            )
+            self._partition_of[entity] = partition
+            self.stats.restored_after_eviction += 1
+
+    def _make_room(self) -> bool:
+        """Every row is taken: close what can close, checkpoint, evict idle entities.
+
+        Returns True if a row was freed. Costs a checkpoint, so it only runs when a new
+        entity would otherwise be refused.
+        """
+        if self.config.capacity.evict_idle_steps <= 0:
+            return False
+        self._close_steps()
+        before = len(self.core.registry)
+        try:
+            self.checkpoint()
+        except StateError as exc:
+            log.error("cannot make room: checkpoint failed: %s", exc)
+            return False
+        return len(self.core.registry) < before
+
+    def _evict_idle(self) -> None:
+        """Free the rows of idle entities; only right after a checkpoint stored their state."""
+        idle_steps = self.config.capacity.evict_idle_steps
+        if idle_steps <= 0:
+            return
+        idle = {e for e in self.core.idle_entities(idle_steps) if e in self._partition_of}
+        if not idle:
+            return
+        for entity in idle:
+            self._evicted[entity] = self._partition_of.pop(entity)
+        self.core.remove_entities(idle)
+        self.stats.evicted += len(idle)
+        log.debug("evicted %d idle entities", len(idle))
 
     def _watermark_partitions(self, now: float) -> set[int]:
         """Partitions that hold the watermark back: all assigned ones except idle partitions.
@@ -417,6 +480,7 @@ class Engine:
         except StateError as exc:
             log.warning("latest forecasts not stored (retried at the next checkpoint): %s", exc)
         self.io.commit_offsets(positions)
+        self._evict_idle()
         log.debug("checkpoint: %d entities, %d bytes, %.1f ms", len(entities), nbytes, ms)
 
     def _log_progress(self, rate: float) -> None:

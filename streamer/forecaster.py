@@ -164,6 +164,20 @@ class Forecaster:
         if self.learner is not None:
             self.learner.forget_rows(slots)
 
+    def idle_entities(self, older_than_steps: int) -> set[str]:
+        """Entities whose last applied step is more than `older_than_steps` behind the newest
+        closed step and that have nothing buffered (safe to evict after a checkpoint)."""
+        last_closed = self.aligner.last_closed_step
+        if last_closed is None or older_than_steps <= 0:
+            return set()
+        limit = last_closed - older_than_steps
+        pending = self.aligner.pending_entities()
+        out = set()
+        for entity, slot in self.registry.items():
+            if self.last_step[slot] < limit and entity not in pending and slot not in self._dirty:
+                out.add(entity)
+        return out
+
     def take_dirty(self) -> list[int]:
         """Slots changed since the last call, ascending; clears the set."""
         dirty = sorted(s for s in self._dirty if self.registry.entity_at(s) is not None)

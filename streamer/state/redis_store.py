@@ -27,7 +27,7 @@ import redis
 
 from ..errors import FencedError, StateError
 from .format import RowLayout
-from .store import Checkpoint, LoadedState, rows_and_steps, to_entities
+from .store import Checkpoint, EntityState, LoadedState, rows_and_steps, to_entities
 
 _CHUNK = 500  # field/value pairs per HSET inside the script (Lua's unpack has a stack limit)
 
@@ -168,6 +168,12 @@ class RedisStore:
             p = parts[int(reply[1]) - 1]
             raise FencedError(checkpoint.topic, p, tokens.get(p, -1), int(reply[2]))
         return sum(map(len, blobs))
+
+    def load_entity(
+        self, topic: str, partition: int, entity: str, layout: RowLayout
+    ) -> EntityState | None:
+        blob = self._call(self._r.hget, self._key(topic, partition, "rows"), entity)
+        return None if blob is None else to_entities(partition, [entity], [blob], layout)[0]
 
     def put_weights(self, version: int, blob: bytes, keep: int) -> None:
         key = f"{self._ns}:weights"

@@ -73,6 +73,12 @@ class StateStore(Protocol):
         """Write atomically if every partition is still ours; returns bytes written."""
         ...
 
+    def load_entity(
+        self, topic: str, partition: int, entity: str, layout: RowLayout
+    ) -> EntityState | None:
+        """One entity's stored state (an evicted entity coming back), or None."""
+        ...
+
     def put_latest(self, forecasts: Mapping[str, bytes]) -> None:
         """Remember the latest forecast message of each entity."""
         ...
@@ -119,6 +125,13 @@ class MemoryStore:
         self._latest: dict[str, bytes] = {}
         self._weights: dict[int, bytes] = {}
         self._extra: bytes | None = None
+
+    def load_entity(
+        self, topic: str, partition: int, entity: str, layout: RowLayout
+    ) -> EntityState | None:
+        with self._lock:
+            blob = self._rows.get((topic, partition), {}).get(entity)
+        return None if blob is None else to_entities(partition, [entity], [blob], layout)[0]
 
     def put_weights(self, version: int, blob: bytes, keep: int) -> None:
         with self._lock:
