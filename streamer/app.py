@@ -38,6 +38,8 @@ def run_engine(
         config.kafka.dlq,
     )
     http = serve_http(engine, config)
+    if http is not None:
+        engine.learning_metrics = http.metrics.learning
     try:
         return engine.run(max_steps=max_steps, idle_exit_s=idle_exit_s)
     finally:

@@ -27,8 +27,8 @@ import logging
 import signal
 import threading
 import time
-from collections import Counter
-from collections.abc import Callable
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
@@ -47,6 +47,43 @@ from .state.store import Checkpoint, EntityState, StateStore
 log = logging.getLogger(__name__)
 
 
+class Samples:
+    """The newest `maxlen` observations and how many there were in all: bounded memory.
+
+    Iterating gives the retained ones (benchmarks take percentiles of them); `since(n)`
+    gives those observed after the n-th (the metrics collector folds them into histograms).
+    """
+
+    def __init__(self, maxlen: int = 10_000) -> None:
+        self._items: deque[float] = deque(maxlen=maxlen)
+        self.total = 0
+
+    def append(self, value: float) -> None:
+        self._items.append(value)
+        self.total += 1
+
+    def extend(self, values: Iterable[float]) -> None:
+        for v in values:
+            self.append(v)
+
+    def __iadd__(self, values: Iterable[float]) -> Samples:
+        self.extend(values)
+        return self
+
+    def since(self, seen: int) -> list[float]:
+        new = min(self.total - seen, len(self._items))
+        return list(self._items)[len(self._items) - new :] if new > 0 else []
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __iter__(self) -> Iterator[float]:
+        return iter(list(self._items))
+
+    def __bool__(self) -> bool:
+        return bool(self._items)
+
+
 @dataclass
 class EngineStats:
     consumed: int = 0
@@ -59,15 +96,15 @@ class EngineStats:
     forecasts: int = 0
     checkpoints: int = 0
     checkpoint_failures: int = 0
-    checkpoint_ms: list[float] = field(default_factory=list)
-    checkpoint_bytes: list[int] = field(default_factory=list)
+    checkpoint_ms: Samples = field(default_factory=Samples)
+    checkpoint_bytes: Samples = field(default_factory=Samples)
     last_checkpoint_at: float = 0.0
     rebalances: int = 0
     evicted: int = 0
     restored_after_eviction: int = 0
-    step_ms: list[float] = field(default_factory=list)
+    step_ms: Samples = field(default_factory=Samples)
     # Step closed -> its last forecast acknowledged by the broker (appended on the I/O thread).
-    forecast_latency_ms: list[float] = field(default_factory=list)
+    forecast_latency_ms: Samples = field(default_factory=Samples)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -121,6 +158,11 @@ class Engine:
         self._last_record_at: dict[int, float] = {}
         # Entities evicted while idle: their state is in the store (entity -> partition).
         self._evicted: dict[str, int] = {}
+        self._last_poll_at = 0.0
+        # observability.LearningMetrics when /metrics is served (fed from this thread).
+        self.learning_metrics: Any = None
+        self._fed: dict[str, int] = {}
+        self._fed_at = 0.0
         self.on_step: Callable[[StepResult], None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -145,12 +187,15 @@ class Engine:
         try:
             while not self._stop.is_set():
                 records = self.io.poll()
-                now = time.monotonic()
+                now = self._last_poll_at = time.monotonic()
                 if records:
                     last_data = now
                     self._ingest(records)
                 self.core.aligner.set_watermark_partitions(self._watermark_partitions(now))
                 self._close_steps()
+                if self.learning_metrics is not None and now - self._fed_at >= 1.0:
+                    self._feed_learning_metrics()
+                    self._fed_at = now
                 if self._checkpoint_due(now):
                     self.checkpoint()
                 if now - last_progress >= self._progress_every:
@@ -221,6 +266,20 @@ class Engine:
             if p in loaded.positions:
                 self._next_offset[p] = loaded.positions[p]
         return {p: loaded.positions.get(p) for p in new}
+
+    @property
+    def assigned_partitions(self) -> list[int]:
+        return sorted(self._tokens)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set() or self._closing
+
+    @property
+    def ready(self) -> bool:
+        """Partitions assigned and restored (both happen in the assignment callback), and the
+        loop polled within the last few seconds."""
+        return bool(self._tokens) and time.monotonic() - self._last_poll_at < 5.0
 
     @property
     def weights_version(self) -> int:
@@ -313,6 +372,24 @@ class Engine:
             offsets = self._buffered.setdefault(step_of(event.ts, self._interval), {})
             if rec.partition not in offsets:
                 offsets[rec.partition] = rec.offset
+
+    def _feed_learning_metrics(self) -> None:
+        """Hand what the learner did since the last call to the /metrics instruments."""
+        m = self.learning_metrics
+        m.record_prequential(self.core.prequential.summary("recent"))
+        learner = self.core.learner
+        if learner is None:
+            return
+        st = learner.stats
+        for duration in st.update_ms[self._fed.get("updates", 0) :]:
+            m.record_learning(duration_s=duration / 1e3, loss=st.last_loss)
+        self._fed["updates"] = len(st.update_ms)
+        for _ in range(st.discarded - self._fed.get("discarded", 0)):
+            m.record_learning(duration_s=0.0, loss=float("nan"), discarded=True)
+        self._fed["discarded"] = st.discarded
+        for _ in range(st.rollbacks - self._fed.get("rollbacks", 0)):
+            m.record_rollback()
+        self._fed["rollbacks"] = st.rollbacks
 
     def _bring_back(self, entity: str) -> None:
         """An evicted entity reported again: restore its stored state before its event."""

@@ -80,7 +80,14 @@ class _FoldedHistogram:
         self._seen = 0
         self._source: int | None = None
 
-    def fold(self, values: Sequence[float]) -> None:
+    def fold(self, values: Any) -> None:
+        since = getattr(values, "since", None)
+        if since is not None:  # engine.Samples: bounded, with a running total
+            if id(values) != self._source:
+                self._source, self._seen = id(values), 0
+            self._add(np.asarray(since(self._seen), dtype=np.float64) * self._scale)
+            self._seen = values.total
+            return
         if id(values) != self._source or len(values) < self._seen:
             self._source, self._seen = id(values), 0
         end = len(values)
@@ -88,6 +95,9 @@ class _FoldedHistogram:
             return
         new = np.asarray(values[self._seen : end], dtype=np.float64) * self._scale
         self._seen = end
+        self._add(new)
+
+    def _add(self, new: np.ndarray) -> None:
         new = new[np.isfinite(new)]
         idx = np.searchsorted(self.bounds, new, side="left")  # first bound >= value: le
         self._counts += np.bincount(idx, minlength=len(self._counts))

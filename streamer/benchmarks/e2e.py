@@ -182,7 +182,7 @@ def run(entities: int, steps: int, *, seed: int = 0, units: int = 64) -> dict[st
         passthrough = _passthrough(bootstrap, topic, partitions, n)
         engine_rate, engine = _engine(config, n)
         st = engine.stats
-        lat = np.asarray(st.forecast_latency_ms or [np.nan])
+        lat = np.asarray(list(st.forecast_latency_ms) or [np.nan])
         big_all = _checkpoint_cost(redis_url, 40_000, 1.0)
         big_1pct = _checkpoint_cost(redis_url, 40_000, 0.01)
         return {
@@ -198,9 +198,11 @@ def run(entities: int, steps: int, *, seed: int = 0, units: int = 64) -> dict[st
             "ratio_to_passthrough": round(engine_rate / passthrough, 3),
             "forecast_latency_ms_p50": pct(lat, 50),
             "forecast_latency_ms_p99": pct(lat, 99),
-            "step_ms_p50": pct(np.asarray(st.step_ms), 50),
-            "checkpoint_ms_p50": pct(np.asarray(st.checkpoint_ms), 50),
-            "checkpoint_bytes": int(np.median(st.checkpoint_bytes)) if st.checkpoint_bytes else 0,
+            "step_ms_p50": pct(np.asarray(list(st.step_ms)), 50),
+            "checkpoint_ms_p50": pct(np.asarray(list(st.checkpoint_ms)), 50),
+            "checkpoint_bytes": int(np.median(list(st.checkpoint_bytes)))
+            if st.checkpoint_bytes
+            else 0,
             "checkpoints": st.checkpoints,
             "checkpoint_40000_all_changed": big_all,
             "checkpoint_40000_1pct_changed": big_1pct,
