@@ -118,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     learn.add_argument("--steps", type=_positive_int, default=3000)
     learn.add_argument("--seed", type=int, default=0)
     learn.add_argument("--json", action="store_true", help="JSON only (default prints JSON too)")
+    gpu = bench_sub.add_parser("gpu", help="step and training on the GPU beside the CPU")
+    gpu.add_argument("--entities", type=_int_list, default=[400, 10_000, 100_000])
+    gpu.add_argument("--budget", type=float, default=3.0, help="seconds per measurement")
+    gpu.add_argument("--json", action="store_true", help="JSON only (default prints JSON too)")
     e2e = bench_sub.add_parser("e2e", help="the engine end to end vs bare Kafka baselines")
     e2e.add_argument("--entities", type=_positive_int, default=400)
     e2e.add_argument("--steps", type=_positive_int, default=2000)
@@ -231,6 +235,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .benchmarks import step as bench_step
 
             print(json.dumps(bench_step.run(args.entities, seed=args.seed, budget_s=args.budget)))
+            return EXIT_OK
+        if args.command == "bench" and args.bench == "gpu":
+            from .benchmarks import gpu as bench_gpu
+
+            print(json.dumps(bench_gpu.run(args.entities, budget_s=args.budget)))
             return EXIT_OK
         if args.command == "bench" and args.bench == "learn":
             from .benchmarks import learn as bench_learn
