@@ -124,15 +124,18 @@ class StepAligner:
         if self._last_closed is not None and step <= self._last_closed:
             self.late += 1
             return AddStatus.LATE
-        if self._max_ts > -math.inf:
-            ahead = step - step_of(self._max_ts, self._interval)
-            if ahead > self._max_jump:
-                raise EventError(
-                    Reason.TS_TOO_FAR_AHEAD,
-                    f'entity "{event.entity}": step {step} is {ahead} steps ahead of the '
-                    f"newest step seen (stream.max_step_jump={self._max_jump})",
-                    event.entity,
-                )
+        # The newest step known: from the events seen, or after a restart (no event seen yet)
+        # the checkpoint's last closed step, so a stray first event cannot jump ahead either.
+        newest = (
+            step_of(self._max_ts, self._interval) if self._max_ts > -math.inf else self._last_closed
+        )
+        if newest is not None and step - newest > self._max_jump:
+            raise EventError(
+                Reason.TS_TOO_FAR_AHEAD,
+                f'entity "{event.entity}": step {step} is {step - newest} steps ahead of the '
+                f"newest step known (stream.max_step_jump={self._max_jump})",
+                event.entity,
+            )
         self._registry.assign(event.entity)
         bucket = self._open.setdefault(step, {})
         status = AddStatus.ACCEPTED

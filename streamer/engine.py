@@ -159,6 +159,9 @@ class Engine:
         # Entities evicted while idle: their state is in the store (entity -> partition).
         self._evicted: dict[str, int] = {}
         self._last_poll_at = 0.0
+        # The newest step applied and published. The aligner's last closed step can be ahead
+        # of it in the middle of a burst; a checkpoint must name what was applied.
+        self._last_applied_step: int | None = None
         # observability.LearningMetrics when /metrics is served (fed from this thread).
         self.learning_metrics: Any = None
         self._fed: dict[str, int] = {}
@@ -192,12 +195,12 @@ class Engine:
                     last_data = now
                     self._ingest(records)
                 self.core.aligner.set_watermark_partitions(self._watermark_partitions(now))
-                self._close_steps()
+                self._close_steps(checkpoints=True)
                 if self.learning_metrics is not None and now - self._fed_at >= 1.0:
                     self._feed_learning_metrics()
                     self._fed_at = now
                 if self._checkpoint_due(now):
-                    self.checkpoint()
+                    self._checkpoint_in_loop()
                 if now - last_progress >= self._progress_every:
                     rate = (self.stats.consumed - consumed_at_progress) / (now - last_progress)
                     self._log_progress(rate)
@@ -305,6 +308,21 @@ class Engine:
         self.core.learner.import_weights(blob, version)
         log.info("resumed with weights version %d", version)
 
+    def _release(self, partitions: list[int]) -> set[str]:
+        """Forget everything of these partitions: entities, buffered events, positions."""
+        gone = {e for e, p in self._partition_of.items() if p in partitions}
+        self._evicted = {e: p for e, p in self._evicted.items() if p not in partitions}
+        self.core.remove_entities(gone)
+        for e in gone:
+            del self._partition_of[e]
+        for p in partitions:
+            self._tokens.pop(p, None)
+            self._next_offset.pop(p, None)
+        for offsets in self._buffered.values():
+            for p in partitions:
+                offsets.pop(p, None)
+        return gone
+
     def _on_revoked(self, partitions: list[int]) -> None:
         mine = [p for p in partitions if p in self._tokens]
         if not mine or self._closing:
@@ -315,17 +333,7 @@ class Engine:
             log.warning("revoked partitions were already taken over: %s", exc)
         except StateError as exc:
             log.error("checkpoint on revoke failed, the new owner replays more: %s", exc)
-        gone = {e for e, p in self._partition_of.items() if p in mine}
-        self._evicted = {e: p for e, p in self._evicted.items() if p not in mine}
-        self.core.remove_entities(gone)
-        for e in gone:
-            del self._partition_of[e]
-        for p in mine:
-            self._tokens.pop(p, None)
-            self._next_offset.pop(p, None)
-        for offsets in self._buffered.values():
-            for p in mine:
-                offsets.pop(p, None)
+        gone = self._release(mine)
         log.info("revoked partitions %s: %d entities released", mine, len(gone))
 
     # ------------------------------------------------------------------ the hot path
@@ -457,13 +465,30 @@ class Engine:
                 active.add(p)
         return active
 
-    def _close_steps(self) -> None:
+    def _close_steps(self, checkpoints: bool = False) -> None:
+        every = self.config.checkpoint.every_steps
         for batch in self.core.aligner.close_ready():
             closed_at = time.perf_counter()
             result = self.core.apply(batch)
             self.stats.step_ms.append((time.perf_counter() - closed_at) * 1e3)
             self._buffered.pop(result.step, None)
+            self._last_applied_step = result.step
             self._publish(result, closed_at)
+            # A backlog can close hundreds of steps in one burst: checkpoint inside it, so
+            # that every_steps also bounds what a crash makes the engine replay.
+            if checkpoints and self._tokens and self._steps_since_checkpoint >= every:
+                self._checkpoint_in_loop()
+
+    def _checkpoint_in_loop(self) -> None:
+        """A periodic checkpoint: failures are logged and counted, the stream goes on."""
+        try:
+            self.checkpoint()
+        except FencedError as exc:
+            # Another engine owns the partition now (our session lapsed): stop touching it.
+            log.warning("%s; releasing partition %d", exc, exc.partition)
+            self._release([exc.partition])
+        except StateError as exc:
+            log.error("checkpoint failed, retried at the next one: %s", exc)
 
     def _publish(self, result: StepResult, closed_at: float) -> None:
         self.stats.steps += 1
@@ -532,7 +557,9 @@ class Engine:
             topic=self._topic,
             positions=positions,
             entities=entities,
-            step=self.core.aligner.last_closed_step,
+            step=self._last_applied_step
+            if self._last_applied_step is not None
+            else self.core.aligner.last_closed_step,
             weights_version=self.weights_version,
             extra=self.core.learner.export_state() if self.core.learner is not None else None,
         )
