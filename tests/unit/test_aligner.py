@@ -276,3 +276,12 @@ def test_watermark_waits_for_partitions_that_are_behind():
     assert b.entities == ("A", "B")
     al.set_watermark_partitions(set())  # both caught up: the newest event time rules
     assert [x.step - math.floor(T0) for x in al.close_ready()] == [1]
+
+
+def test_jump_is_checked_against_the_checkpoint_after_a_restart():
+    al, _ = make(max_jump=5)
+    al.resume_after(math.floor(T0) + 10)  # restored: nothing seen yet, step 10 closed
+    with pytest.raises(EventError) as err:
+        al.add(ev("A", 10 + 6, 1))
+    assert err.value.reason is Reason.TS_TOO_FAR_AHEAD
+    assert al.add(ev("A", 10 + 5, 1)) is AddStatus.ACCEPTED
