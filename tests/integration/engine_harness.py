@@ -376,6 +376,9 @@ def assert_same_forecasts(
         )
         levels = np.array([got[keys[i]][copy]["level"] for i in idx], dtype=np.float64)
         np.testing.assert_allclose(levels, ref_level[idx], rtol=1e-6, atol=atol)
+        versions = [got[keys[i]][copy]["model_version"] for i in idx]
+        want_versions = [want[keys[i]][0]["model_version"] for i in idx]
+        assert versions == want_versions, "a forecast names another weights version"
 
 
 # ---------------------------------------------------------------------- Redis

@@ -43,6 +43,7 @@ from engine_harness import (
 
 from streamer.forecaster import Forecaster
 from streamer.produce import EventProducer
+from streamer.state.format import unpack_arrays
 from streamer.state.redis_store import RedisStore
 from streamer.synthetic import DEFAULT_START_TS, SyntheticMarket
 
@@ -87,10 +88,18 @@ def _run_until_idle(env: dict[str, str], logdir: Path, name: str) -> EngineProce
     return engine
 
 
+@pytest.mark.parametrize("learn", [False, True], ids=["frozen", "learning"])
 def test_sigkill_at_random_moments_changes_no_forecast_and_no_state(
-    kafka_bootstrap: str, redis_url: str, unique: Callable[[str], str], tmp_path: Path
+    kafka_bootstrap: str,
+    redis_url: str,
+    unique: Callable[[str], str],
+    tmp_path: Path,
+    learn: bool,
 ) -> None:
-    rng = random.Random(SEED)
+    """With learning on, updates every 8 steps land between and around the kills: the
+    weights, their versions and the learner's window must come back exactly too."""
+    rng = random.Random(SEED + int(learn))
+    extra = {"STREAMER_LEARN_ENABLED": "true"} if learn else {}
     topic = unique("market")
     env_a = engine_env(
         bootstrap=kafka_bootstrap,
@@ -100,6 +109,7 @@ def test_sigkill_at_random_moments_changes_no_forecast_and_no_state(
         output_topic=unique("out-a"),
         dlq_topic=unique("dlq-a"),
         every_steps=20,
+        extra=extra,
     )
     env_b = engine_env(
         bootstrap=kafka_bootstrap,
@@ -109,6 +119,7 @@ def test_sigkill_at_random_moments_changes_no_forecast_and_no_state(
         output_topic=unique("out-b"),
         dlq_topic=unique("dlq-b"),
         every_steps=20,
+        extra=extra,
     )
     config = config_of(env_a)
     layout = Forecaster(config).layout
@@ -203,6 +214,18 @@ def test_sigkill_at_random_moments_changes_no_forecast_and_no_state(
         assert (ea.partition, ea.last_step) == (eb.partition, eb.last_step), name
         np.testing.assert_allclose(eb.row, ea.row, rtol=0, atol=1e-6, err_msg=name)
     assert {e.last_step for e in state_a.entities} == {max(e.last_step for e in state_a.entities)}
+    assert state_a.weights_version == state_b.weights_version
+    if learn:
+        version = state_a.weights_version
+        assert version is not None and version >= 20, "300 steps should give many updates"
+        assert {m["model_version"] for v in out_a.values() for m in v} >= {0, version}
+        wa = unpack_arrays(
+            RedisStore(redis_url, config_of(env_a).namespace).get_weights(version) or b""
+        )
+        wb = unpack_arrays(RedisStore(redis_url, ns_b).get_weights(version) or b"")
+        assert wa.keys() == wb.keys()
+        for key in wa:
+            np.testing.assert_allclose(wb[key], wa[key], rtol=0, atol=1e-6, err_msg=key)
 
     # Each restart resumed from the checkpoint written before the kill (states and
     # positions), or from scratch when the kill came before the first checkpoint.
