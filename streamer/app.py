@@ -30,6 +30,9 @@ def run_engine(
 ) -> EngineStats:
     engine = build_engine(config)
     engine.install_signal_handlers()
+    from .model import describe_device
+
+    log.info(describe_device(config.model.jit))
     log.info(
         "streamer engine: group %s, %s -> %s (dead letters: %s)",
         config.kafka.group,

@@ -44,6 +44,20 @@ log = logging.getLogger(__name__)
 VARIANCE_EPSILON = 1e-12
 
 
+def describe_device(jit: bool = True) -> str:
+    """One line for the start-up log: where the step runs and which kernels it uses."""
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        details = tf.config.experimental.get_device_details(gpus[0])
+        where = f"GPU {details.get('device_name', gpus[0].name)}"
+        windows = "Keras LSTM, cuDNN kernel when the window's mask is right-padded"
+    else:
+        where = "CPU (no GPU visible to TensorFlow)"
+        windows = "Keras LSTM, generic kernel"
+    step = "hand-written fused LSTM step" + (", XLA-compiled" if jit else "")
+    return f"device: {where}; inference: {step}; training windows: {windows}"
+
+
 class StateBank:
     """Named per-slot float32 tensors of shape [capacity, *row_shape], one row per slot."""
 
@@ -156,6 +170,9 @@ class StatefulLSTM:
         )
         self.head.build((None, in_dim))
         self.bank = StateBank(self._row_shapes(), capacity)
+        # Only online learning needs the normalised inputs back on the host every step; without
+        # it the device returns forecasts, validity and the realised target (for scoring).
+        self._learning_outputs = config.learn.enabled
         self._step_fn = self._compile()
         self._replay_fn: Any = None
 
@@ -197,11 +214,21 @@ class StatefulLSTM:
         packed[:, self.n_features] = mask
         out = self._step_fn(tf.constant(packed)).numpy()
         h, f = self.horizon, self.n_features
+        if not self._learning_outputs:
+            empty = np.zeros((0,), np.float32)
+            return StepOutput(
+                forecasts=out[:, :h],
+                valid=out[:, h] > 0.5,
+                inputs=np.zeros((cap, 0), np.float32),
+                target=out[:, h + 1],
+                target_mean=empty,
+                target_std=empty,
+            )
         return StepOutput(
             forecasts=out[:, :h],
             valid=out[:, h] > 0.5,
-            inputs=out[:, h + 1 : h + 1 + f],
-            target=out[:, h + 1 + f],
+            inputs=out[:, h + 2 : h + 2 + f],
+            target=out[:, h + 1],
             target_mean=out[:, h + 2 + f],
             target_std=out[:, h + 3 + f],
         )
@@ -351,7 +378,10 @@ class StatefulLSTM:
             h_in = new_h
         y = tf.matmul(h_in, self.head.kernel.value) + self.head.bias.value
         y = y * t_std + t_mean
-        return tf.concat([y, tf.cast(valid, tf.float32), inputs, target, t_mean, t_std], axis=1)
+        parts = [y, tf.cast(valid, tf.float32), target]
+        if self._learning_outputs:
+            parts += [inputs, t_mean, t_std]
+        return tf.concat(parts, axis=1)
 
 
 # Feature value that marks a masked row for `StatefulLSTM.reference_model`.
