@@ -23,6 +23,7 @@ offset and the gap is logged; the states stay as checkpointed and move on from t
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import threading
@@ -82,6 +83,21 @@ class Samples:
 
     def __bool__(self) -> bool:
         return bool(self._items)
+
+
+def _tune_gc() -> None:
+    """Keep the cyclic GC off the latency path.
+
+    TensorFlow and Keras leave hundreds of thousands of long-lived objects behind at start-up;
+    every full collection walks them all and stalled a step's publishing by up to ~100 ms
+    (the p99 of step-close -> forecast-ack). Freezing them moves them out of the collector's
+    reach, and a larger first-generation threshold makes collections rarer. The loop itself
+    creates few cycles.
+    """
+    gc.collect()
+    gc.freeze()
+    gen0, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(max(gen0, 50_000), gen1, gen2)
 
 
 @dataclass
@@ -183,6 +199,7 @@ class Engine:
 
     def run(self, *, max_steps: int | None = None, idle_exit_s: float | None = None) -> EngineStats:
         """Consume until stopped (signal, `max_steps` closed steps, or `idle_exit_s` of silence)."""
+        _tune_gc()
         self.io.subscribe(self._on_assigned, self._on_revoked)
         started = last_progress = last_data = time.monotonic()
         consumed_at_progress = 0
