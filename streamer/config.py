@@ -55,7 +55,7 @@ class StreamConfig:
     # active entity reported; this only bounds how long a straggler can hold a step open.
     allowed_lateness: float = 1.0
     # A caught-up partition that delivered nothing for this long stops holding the watermark.
-    idle_partition_timeout: float = 2.0
+    idle_partition_timeout: float = 10.0
     # A second event for the same (entity, step) before the step closes: "replace" keeps the
     # newer one (a producer's correction); "first" keeps the older one, which makes batches
     # independent of how partitions interleave even when duplicates exist.

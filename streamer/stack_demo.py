@@ -61,6 +61,8 @@ def run_stack_demo(
             max_poll_interval_ms=30000,
         ),
         redis=dataclasses.replace(config.redis, url=redis_url),
+        # The demo shows the whole product: the engine learns online from the stream.
+        learn=dataclasses.replace(config.learn, enabled=True),
     )
     k = config.kafka
     ensure_topics(bootstrap, [k.input_topic, k.output_topic, k.dlq], k.partitions)
@@ -90,7 +92,14 @@ def run_stack_demo(
                 if result.valid[j]:
                     parts.append(f"{entity} next price {result.levels[j, 0]:.2f}")
         if parts:
-            print(f"  step {engine.stats.steps}: " + "; ".join(parts), file=out, flush=True)
+            quality = engine.core.prequential.summary("recent")[0].get("skill_vs_persistence")
+            skill = f"{quality:+.2f}" if quality is not None else "n/a"
+            print(
+                f"  step {engine.stats.steps} (weights v{engine.weights_version}, recent skill "
+                f"vs persistence {skill}): " + "; ".join(parts),
+                file=out,
+                flush=True,
+            )
 
     engine.on_step = on_step
     thread = threading.Thread(target=producer, name="producer", daemon=True)
