@@ -24,7 +24,9 @@ offset and the gap is logged; the states stay as checkpointed and move on from t
 from __future__ import annotations
 
 import gc
+import json
 import logging
+import math
 import signal
 import threading
 import time
@@ -83,6 +85,17 @@ class Samples:
 
     def __bool__(self) -> bool:
         return bool(self._items)
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN or infinity: such numbers become null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _tune_gc() -> None:
@@ -398,6 +411,24 @@ class Engine:
             if rec.partition not in offsets:
                 offsets[rec.partition] = rec.offset
 
+    def quality_report(self) -> bytes:
+        """Prequential scores (recent and cumulative) and learner counters, as JSON."""
+        report: dict[str, Any] = {
+            "weights_version": self.weights_version,
+            "step": self._last_applied_step,
+            "recent": self.core.prequential.summary("recent"),
+            "total": self.core.prequential.summary("total"),
+        }
+        learner = self.core.learner
+        if learner is not None:
+            report["learning"] = {
+                "updates": learner.stats.updates,
+                "discarded": learner.stats.discarded,
+                "rollbacks": learner.stats.rollbacks,
+                "last_loss": learner.stats.last_loss if learner.stats.updates else None,
+            }
+        return json.dumps(_finite(report), allow_nan=False).encode()
+
     def _feed_learning_metrics(self) -> None:
         """Hand what the learner did since the last call to the /metrics instruments."""
         m = self.learning_metrics
@@ -598,6 +629,7 @@ class Engine:
         try:
             self.store.put_latest(self._latest)
             self._latest = {}
+            self.store.put_quality(self.quality_report())
         except StateError as exc:
             log.warning("latest forecasts not stored (retried at the next checkpoint): %s", exc)
         self.io.commit_offsets(positions)

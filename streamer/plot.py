@@ -249,6 +249,33 @@ def _segments(steps: list[int], values: list[float | None]) -> Iterator[list[tup
         yield run
 
 
+def render_png(series: EntitySeries, path: Path) -> None:
+    """The same three lines as a PNG (needs matplotlib: `pip install 'streamer[plot]'`)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise StreamerError(
+            "a PNG needs matplotlib (pip install 'streamer[plot]'); or write --out FILE.svg"
+        ) from None
+    nan = float("nan")
+    fig, ax = plt.subplots(figsize=(10, 4), dpi=100)
+    for name, values, style in (
+        ("actual", series.actual, "-"),
+        ("model", series.model, "-"),
+        ("persistence", series.persistence, "--"),
+    ):
+        ax.plot(series.steps, [nan if v is None else v for v in values], style, label=name)
+    ax.set_title(f"{series.entity}: forecast {series.horizon} step(s) ahead vs actual")
+    ax.set_xlabel("step")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def plot_entity(
     config: Config,
     entity: str,
@@ -263,7 +290,10 @@ def plot_entity(
         raise StreamerError(f"horizon must be in 1..{config.model.horizon}, got {horizon}")
     series = read_entity(config, entity, horizon=horizon, last=last, bootstrap=bootstrap)
     path = Path(out)
-    path.write_text(render_svg(series))
+    if path.suffix.lower() == ".png":
+        render_png(series, path)
+    else:
+        path.write_text(render_svg(series))
     return {
         "out": str(path),
         "entity": entity,

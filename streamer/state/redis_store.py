@@ -7,6 +7,7 @@ Keys (the `{namespace}` hash tag keeps one engine group's keys in one cluster sl
     streamer:{ns}:extra                  engine-wide state of the checkpoint (learner window)
     streamer:{ns}:latest                 hash: entity -> latest forecast message
     streamer:{ns}:weights                hash: version -> weights + optimizer (format.py)
+    streamer:{ns}:quality                prequential scores (JSON), refreshed at checkpoints
     streamer:{ns}:p:<topic>:<n>:owner    fencing token of partition n (INCR on acquire)
     streamer:{ns}:p:<topic>:<n>:pos      next offset to read in partition n
     streamer:{ns}:p:<topic>:<n>:step     last closed step at that position
@@ -195,6 +196,13 @@ class RedisStore:
 
     def get_latest(self, entity: str) -> bytes | None:
         value = self._call(self._r.hget, f"{self._ns}:latest", entity)
+        return bytes(value) if value is not None else None
+
+    def put_quality(self, report: bytes) -> None:
+        self._call(self._r.set, f"{self._ns}:quality", report)
+
+    def get_quality(self) -> bytes | None:
+        value = self._call(self._r.get, f"{self._ns}:quality")
         return bytes(value) if value is not None else None
 
     def close(self) -> None:

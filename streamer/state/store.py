@@ -91,6 +91,12 @@ class StateStore(Protocol):
 
     def get_latest(self, entity: str) -> bytes | None: ...
 
+    def put_quality(self, report: bytes) -> None:
+        """Replace the forecast-quality report (prequential scores, JSON)."""
+        ...
+
+    def get_quality(self) -> bytes | None: ...
+
     def close(self) -> None: ...
 
 
@@ -125,6 +131,7 @@ class MemoryStore:
         self._latest: dict[str, bytes] = {}
         self._weights: dict[int, bytes] = {}
         self._extra: bytes | None = None
+        self._quality: bytes | None = None
 
     def load_entity(
         self, topic: str, partition: int, entity: str, layout: RowLayout
@@ -202,6 +209,14 @@ class MemoryStore:
     def get_latest(self, entity: str) -> bytes | None:
         with self._lock:
             return self._latest.get(entity)
+
+    def put_quality(self, report: bytes) -> None:
+        with self._lock:
+            self._quality = report
+
+    def get_quality(self) -> bytes | None:
+        with self._lock:
+            return self._quality
 
     def close(self) -> None:
         pass

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -54,6 +56,11 @@ def test_restart_after_updates_resumes_with_the_checkpointed_weights_version(
     weights = first.core.model.get_weights()
     assert store.get_weights(version) is not None
     assert first.stats.checkpoints >= 1
+    # The prequential scores are in Redis beside the states, as JSON.
+    quality = json.loads(store.get_quality() or b"{}")
+    assert quality["weights_version"] == version
+    assert quality["recent"][0]["horizon"] == 1 and quality["recent"][0]["count"] > 0
+    assert quality["learning"]["updates"] >= 3
     store.close()
 
     second, store = engine()

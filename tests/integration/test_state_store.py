@@ -99,6 +99,13 @@ def test_rows_from_another_layout_are_refused(store):
         store.load("t", [0], other)
 
 
+def test_quality_report(store):
+    assert store.get_quality() is None
+    store.put_quality(b'{"recent": []}')
+    store.put_quality(b'{"recent": [1]}')
+    assert store.get_quality() == b'{"recent": [1]}'
+
+
 def test_latest_forecasts(store):
     assert store.get_latest("A") is None
     store.put_latest({"A": b'{"x":1}', "B": b'{"x":2}'})

@@ -51,3 +51,20 @@ def test_svg_draws_three_series_and_breaks_lines_at_gaps():
 def test_nothing_to_plot_is_an_error():
     with pytest.raises(StreamerError, match="nothing to plot"):
         render_svg(align("E", {}, {}))
+
+
+def test_png_is_a_real_png(tmp_path):
+    from streamer.plot import EntitySeries, render_png
+
+    series = EntitySeries(
+        entity="AAPL",
+        horizon=1,
+        steps=[1, 2, 3, 4],
+        actual=[1.0, 2.0, None, 4.0],
+        model=[None, 1.5, 2.5, 3.5],
+        persistence=[None, 1.0, 2.0, None],
+    )
+    path = tmp_path / "aapl.png"
+    render_png(series, path)
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
