@@ -73,7 +73,8 @@ class EventProducer:
         self.close()
 
 
-def _paced(items: Iterable[Any], rate: float | None) -> Iterable[Any]:
+def paced(items: Iterable[Any], rate: float | None) -> Iterable[Any]:
+    """Yield `items` at `rate` per second (as fast as possible when rate is None or 0)."""
     if not rate:
         yield from items
         return
@@ -114,7 +115,7 @@ def produce_synthetic(
     sent = 0
     last = time.monotonic()
     with EventProducer(config, bootstrap=bootstrap) as out:
-        for ev in _paced(market.events(), rate):
+        for ev in paced(market.events(), rate):
             values = ev["values"]
             out.send(ev["entity"], ev["ts"], [values[name] for name in order])
             sent += 1
@@ -147,7 +148,7 @@ def produce_csv(
         missing = [c for c in (entity_column, time_column, *features) if c not in header]
         if missing:
             raise EventError(Reason.MISSING_FIELD, f"{path}: CSV lacks columns {missing}")
-        for lineno, row in enumerate(_paced(reader, rate), start=2):
+        for lineno, row in enumerate(paced(reader, rate), start=2):
             try:
                 values = [float(row[name]) for name in features]
                 out.send(row[entity_column], _parse_time(row[time_column]), values)

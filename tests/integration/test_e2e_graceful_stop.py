@@ -29,7 +29,7 @@ from engine_harness import (
 
 from streamer.config import Config
 from streamer.forecaster import Forecaster
-from streamer.produce import EventProducer
+from streamer.produce import EventProducer, paced
 from streamer.state.redis_store import RedisStore
 from streamer.synthetic import DEFAULT_START_TS, SyntheticMarket
 
@@ -45,13 +45,8 @@ SEED = 6
 def _produce(config: Config, market: SyntheticMarket, steps: range, rate: float | None) -> None:
     features = config.stream.features
     events = [e for e in market.events() if int(e["ts"] - DEFAULT_START_TS) in steps]
-    started = time.monotonic()
     with EventProducer(config) as out:
-        for i, ev in enumerate(events):
-            if rate:
-                ahead = i / rate - (time.monotonic() - started)
-                if ahead > 0:
-                    time.sleep(ahead)
+        for ev in paced(events, rate):
             out.send(ev["entity"], ev["ts"], [ev["values"][f] for f in features])
 
 
