@@ -32,7 +32,7 @@ def run_engine(
     engine.install_signal_handlers()
     from .model import describe_device
 
-    log.info(describe_device(config.model.jit))
+    log.info(describe_device(config.model.jit, config.model.precision))
     log.info(
         "streamer engine: group %s, %s -> %s (dead letters: %s)",
         config.kafka.group,

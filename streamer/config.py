@@ -41,6 +41,9 @@ DEFAULT_MAX_ENTITIES = 100_000
 TargetTransform = Literal["none", "diff", "log_return"]
 DEFAULT_TARGET_TRANSFORM: TargetTransform = "log_return"
 DuplicatePolicy = Literal["replace", "first"]
+# "mixed_bfloat16": matrix products in bfloat16, states, statistics, gate arithmetic and the
+# master weights in float32 (Keras's policy of the same name for the training windows).
+Precision = Literal["float32", "mixed_bfloat16"]
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,9 @@ class ModelConfig:
     # z-scores are clipped so that one outlier cannot saturate a row's state.
     clip: float = 10.0
     jit: bool = True
+    # Off by default: "mixed_bfloat16" trades ~3 significant digits in the products for speed
+    # on accelerators with bfloat16 units (docs/benchmarks.md has the measured difference).
+    precision: Precision = "float32"
     # A `.keras` file exported by `streamer model export` (or pretrain) to start from; used
     # only when the store holds no weights version yet.
     init_weights: str = ""
@@ -116,6 +122,10 @@ class ModelConfig:
             _positive("model.units", u)
         _positive("model.horizon", self.horizon)
         _positive("model.clip", self.clip)
+        if self.precision not in get_args(Precision):
+            raise ConfigError(
+                "model.precision", f"{self.precision!r} is not one of {list(get_args(Precision))}"
+            )
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ import tensorflow as tf
 
 from .config import Config, LearnConfig
 from .errors import StateError
-from .model import StatefulLSTM, StepOutput
+from .model import StatefulLSTM, StepOutput, window_kernel
 from .state.format import pack_arrays, unpack_arrays
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,7 @@ class OnlineLearner:
         )
         self.optimizer.build(model.weights)
         self._train_fn = tf.function(self._train_graph, reduce_retracing=True)
+        self.window_kernel: str | None = None  # "cudnn" or "generic", known after one update
         self._shadow: _Shadow | None = None
         self._shadow_model: StatefulLSTM | None = None  # reused: building one compiles a step
         self.on_update: Any = None  # callback(version, weights) after an accepted update
@@ -296,13 +297,18 @@ class OnlineLearner:
         old_weights = self.model.get_weights()
         old_opt = [np.array(v.numpy()) for v in self.optimizer.variables]
         old_states = [(h.copy(), c.copy()) for h, c in self.model.states()]
-        loss, grads = self._train_fn(
+        args = (
             tf.constant(inputs),
             tf.constant(mask),
             tf.constant(targets),
             tf.constant(tmask),
             [(tf.constant(h), tf.constant(c)) for h, c in start],
         )
+        loss, grads = self._train_fn(*args)
+        if self.window_kernel is None:
+            # The traced graph says which LSTM kernel the windows really run on.
+            self.window_kernel = window_kernel(self._train_fn.get_concrete_function(*args))
+            log.info("training windows run on the %s LSTM kernel", self.window_kernel)
         loss_value = float(loss)
         finite = np.isfinite(loss_value) and all(
             bool(tf.reduce_all(tf.math.is_finite(g))) for g in grads if g is not None

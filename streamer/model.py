@@ -18,6 +18,15 @@ A row is *valid* in a step when its entity reported and, for diff/log_return, a 
 value exists. Rows that are not valid keep every state tensor and statistic bit for bit.
 Forecasts come from a direct multi-output head, so a multi-step horizon never iterates the
 recurrence and cannot disturb the live state.
+
+Training windows (`window_forward`) reorder each row's steps so that the steps the row was
+valid in come first, in order: the mask becomes right-padded with at least one step per row,
+the only form the cuDNN LSTM kernel accepts (Keras 3 asserts rather than falling back when a
+mask has holes). A row's state only moves on its valid steps, so the result is the same as
+masking in place; the outputs are put back in their original order.
+
+`model.precision = "mixed_bfloat16"` runs the matrix products in bfloat16 and keeps the
+states, statistics, gate arithmetic and master weights in float32.
 """
 
 from __future__ import annotations
@@ -44,18 +53,61 @@ log = logging.getLogger(__name__)
 VARIANCE_EPSILON = 1e-12
 
 
-def describe_device(jit: bool = True) -> str:
+def describe_device(jit: bool = True, precision: str = "float32") -> str:
     """One line for the start-up log: where the step runs and which kernels it uses."""
     gpus = tf.config.list_physical_devices("GPU")
     if gpus:
         details = tf.config.experimental.get_device_details(gpus[0])
         where = f"GPU {details.get('device_name', gpus[0].name)}"
-        windows = "Keras LSTM, cuDNN kernel when the window's mask is right-padded"
+        windows = "Keras LSTM on the cuDNN kernel (windows packed right-padded)"
     else:
         where = "CPU (no GPU visible to TensorFlow)"
         windows = "Keras LSTM, generic kernel"
     step = "hand-written fused LSTM step" + (", XLA-compiled" if jit else "")
-    return f"device: {where}; inference: {step}; training windows: {windows}"
+    return (
+        f"device: {where}; inference: {step}; training windows: {windows}; precision: {precision}"
+    )
+
+
+def right_pad(mask: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Pack each row's valid steps to the front of the window, keeping their order.
+
+    mask [S, W] bool. Returns (order, inverse, packed, empty): `tf.gather(x, order,
+    batch_dims=1)` packs a [S, W, ...] tensor, `inverse` undoes it; `packed` is the
+    right-padded mask, with one (dummy) step for rows that have none, since cuDNN rejects
+    empty sequences; `empty` [S] marks those rows, whose outputs and final states must be
+    ignored.
+    """
+    m = tf.cast(mask, tf.bool)
+    valid = tf.cast(m, tf.int32)
+    lengths = tf.reduce_sum(valid, axis=1)
+    # Where each step goes: valid steps to 0.., the others after them, both in order.
+    inverse = tf.where(
+        m,
+        tf.cumsum(valid, axis=1) - 1,
+        lengths[:, None] + tf.cumsum(1 - valid, axis=1) - 1,
+    )
+    # Its inverse permutation; float keys, which every device's sort kernel takes.
+    order = tf.argsort(tf.cast(inverse, tf.float32), axis=1)
+    packed = tf.sequence_mask(tf.maximum(lengths, 1), tf.shape(m)[1])
+    return order, inverse, packed, tf.equal(lengths, 0)
+
+
+CUDNN_OPS = frozenset({"CudnnRNN", "CudnnRNNV2", "CudnnRNNV3"})
+
+
+def graph_ops(fn: Any) -> set[str]:
+    """Op types in a traced (concrete) function, nested functions included."""
+    graph_def = fn.graph.as_graph_def()
+    ops = {node.op for node in graph_def.node}
+    for f in graph_def.library.function:
+        ops.update(node.op for node in f.node_def)
+    return ops
+
+
+def window_kernel(fn: Any) -> str:
+    """ "cudnn" if a traced training function runs its LSTM on cuDNN, else "generic"."""
+    return "cudnn" if graph_ops(fn) & CUDNN_OPS else "generic"
 
 
 class StateBank:
@@ -141,6 +193,10 @@ class StatefulLSTM:
         self._target = self._stream.target_index
         self._transform = self._stream.target_transform
         seed = self._cfg.seed
+        self.precision = self._cfg.precision
+        # Products in bfloat16, everything that accumulates over time in float32.
+        self._compute = tf.bfloat16 if self.precision == "mixed_bfloat16" else tf.float32
+        policy = keras.DTypePolicy(self.precision)
         self.lstm_layers: list[keras.layers.LSTM] = []
         in_dim = self.n_features
         for i, units in enumerate(self._cfg.units):
@@ -158,6 +214,7 @@ class StatefulLSTM:
                 return_state=True,
                 kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 101 * i),
                 recurrent_initializer=keras.initializers.Orthogonal(seed=seed + 101 * i + 1),
+                dtype=policy,
                 name=f"lstm_{i}",
             )
             layer.build((None, None, in_dim))
@@ -166,6 +223,7 @@ class StatefulLSTM:
         self.head = keras.layers.Dense(
             self.horizon,
             kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 7919),
+            dtype=policy,
             name="head",
         )
         self.head.build((None, in_dim))
@@ -255,14 +313,20 @@ class StatefulLSTM:
 
         inputs [S, W, F] are already normalised; rows with mask False at a step keep their
         state (Keras masking semantics, the same as the single step). Returns the head's
-        normalised outputs [S, W, H] and the final (h, c) of every layer.
+        normalised outputs [S, W, H] (float32; only the valid steps' outputs are defined) and
+        the final (h, c) of every layer.
         """
-        x = inputs
+        order, inverse, packed, empty = right_pad(mask)
+        x = tf.gather(inputs, order, batch_dims=1)
+        keep = empty[:, None]
         finals = []
         for layer, (h0, c0) in zip(self.lstm_layers, start, strict=True):
-            x, h, c = layer(x, initial_state=[h0, c0], mask=mask)
+            x, h, c = layer(x, initial_state=[h0, c0], mask=packed)
+            h = tf.where(keep, h0, tf.cast(h, tf.float32))
+            c = tf.where(keep, c0, tf.cast(c, tf.float32))
             finals.append((h, c))
-        return self.head(x), finals
+        y = tf.cast(self.head(x), tf.float32)
+        return tf.gather(y, inverse, batch_dims=1), finals
 
     def replay_window(
         self, inputs: np.ndarray, mask: np.ndarray, start: Sequence[tuple[np.ndarray, np.ndarray]]
@@ -320,6 +384,13 @@ class StatefulLSTM:
         # which costs more than the whole step at a few hundred rows.
         return fn.get_concrete_function(spec)
 
+    def _matmul(self, a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+        """a @ b in the compute precision, returned in float32."""
+        if self._compute == tf.float32:
+            return tf.matmul(a, b)
+        product = tf.matmul(tf.cast(a, self._compute), tf.cast(b, self._compute))
+        return tf.cast(product, tf.float32)
+
     def _step_graph(self, packed: tf.Tensor) -> tf.Tensor:
         v = self.bank.vars
         f = self.n_features
@@ -367,7 +438,7 @@ class StatefulLSTM:
             h = v[f"h{i}"].read_value()
             c = v[f"c{i}"].read_value()
             kernel = tf.concat([cell.kernel.value, cell.recurrent_kernel.value], axis=0)
-            z = tf.matmul(tf.concat([h_in, h], axis=1), kernel) + cell.bias.value
+            z = self._matmul(tf.concat([h_in, h], axis=1), kernel) + cell.bias.value
             zi, zf, zc, zo = tf.split(z, 4, axis=1)
             new_c = tf.sigmoid(zf) * c + tf.sigmoid(zi) * tf.tanh(zc)
             new_h = tf.sigmoid(zo) * tf.tanh(new_c)
@@ -376,7 +447,7 @@ class StatefulLSTM:
             v[f"h{i}"].assign(new_h)
             v[f"c{i}"].assign(new_c)
             h_in = new_h
-        y = tf.matmul(h_in, self.head.kernel.value) + self.head.bias.value
+        y = self._matmul(h_in, self.head.kernel.value) + self.head.bias.value
         y = y * t_std + t_mean
         parts = [y, tf.cast(valid, tf.float32), target]
         if self._learning_outputs:
