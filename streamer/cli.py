@@ -121,7 +121,23 @@ def build_parser() -> argparse.ArgumentParser:
     gpu = bench_sub.add_parser("gpu", help="step and training on the GPU beside the CPU")
     gpu.add_argument("--entities", type=_int_list, default=[400, 10_000, 100_000])
     gpu.add_argument("--budget", type=float, default=3.0, help="seconds per measurement")
+    gpu.add_argument(
+        "--precision-steps",
+        type=int,
+        default=0,
+        help="also run `bench precision` on the device for this many steps (0: skip)",
+    )
     gpu.add_argument("--json", action="store_true", help="JSON only (default prints JSON too)")
+    precision = bench_sub.add_parser(
+        "precision", help="mixed_bfloat16 against float32: forecast gap and learning quality"
+    )
+    precision.add_argument("--entities", type=_positive_int, default=400)
+    precision.add_argument("--steps", type=_positive_int, default=3000)
+    precision.add_argument("--drift-steps", type=_positive_int, default=1000)
+    precision.add_argument("--seed", type=int, default=0)
+    precision.add_argument(
+        "--json", action="store_true", help="JSON only (default prints JSON too)"
+    )
     e2e = bench_sub.add_parser("e2e", help="the engine end to end vs bare Kafka baselines")
     e2e.add_argument("--entities", type=_positive_int, default=400)
     e2e.add_argument("--steps", type=_positive_int, default=2000)
@@ -239,7 +255,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "bench" and args.bench == "gpu":
             from .benchmarks import gpu as bench_gpu
 
-            print(json.dumps(bench_gpu.run(args.entities, budget_s=args.budget)))
+            result = bench_gpu.run(
+                args.entities, budget_s=args.budget, precision_steps=args.precision_steps
+            )
+            print(json.dumps(result))
             return EXIT_OK
         if args.command == "bench" and args.bench == "learn":
             from .benchmarks import learn as bench_learn
@@ -249,6 +268,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                     bench_learn.run(entities=args.entities, steps=args.steps, seed=args.seed)
                 )
             )
+            return EXIT_OK
+        if args.command == "bench" and args.bench == "precision":
+            from .benchmarks import precision as bench_precision
+
+            result = bench_precision.run(
+                entities=args.entities,
+                steps=args.steps,
+                drift_steps=args.drift_steps,
+                seed=args.seed,
+            )
+            print(json.dumps(result))
             return EXIT_OK
         if args.command == "bench" and args.bench == "e2e":
             from .benchmarks import e2e as bench_e2e

@@ -1,42 +1,50 @@
 """`streamer bench gpu`: the step and training on the accelerator beside the CPU, one run.
 
 Prints one JSON object: the device TensorFlow sees, the engine step's latency at 400, 10,000
-and 100,000 entities on that device and on the CPU of the same machine, the throughput of a
-training window (truncated BPTT, window 64) on both, and whether the Keras LSTM can take
-the cuDNN kernel for those windows. Installs nothing; runs in a few minutes. Without a GPU
-it reports the CPU only ("device": "cpu").
+and 100,000 entities on that device and on the CPU of the same machine (float32, and with
+`model.precision = "mixed_bfloat16"` on the device), the throughput of a training window
+(truncated BPTT, window 64, 10% of the steps missing as in a live stream) on both, and the
+LSTM kernel each training window ran on, read from its traced graph ("cudnn" or "generic");
+optionally (`--precision-steps`) `bench precision` on the device. A measurement that fails
+is reported as {"error": ...} in its place. Installs nothing; runs in a few minutes. Without
+a GPU it reports the CPU only ("device": "cpu").
 """
 
 from __future__ import annotations
 
 import platform
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
-from ..config import CapacityConfig, Config, LearnConfig, ModelConfig, StreamConfig
+from ..config import CapacityConfig, Config, LearnConfig, ModelConfig, Precision, StreamConfig
 from ..learner import OnlineLearner
-from ..model import StatefulLSTM
+from ..model import StatefulLSTM, window_kernel
 from .timing import pct, time_calls
 
 FEATURES = tuple(f"f{i}" for i in range(8))
 WINDOW = 64
+UNITS = 64
+MIXED: Precision = "mixed_bfloat16"
 
 
-def _config(entities: int) -> Config:
+def _config(entities: int, precision: Precision = "float32") -> Config:
     return Config(
         stream=StreamConfig(features=FEATURES, target="f0", target_transform="none"),
-        model=ModelConfig(units=(64,), horizon=1),
+        model=ModelConfig(units=(UNITS,), horizon=1, precision=precision),
         capacity=CapacityConfig(initial=entities, max_entities=entities),
         learn=LearnConfig(enabled=True, window=WINDOW, update_every=8),
     )
 
 
-def _step(entities: int, device: str, budget_s: float) -> dict[str, float]:
+def _step(
+    entities: int, device: str, budget_s: float, precision: Precision = "float32"
+) -> dict[str, float]:
     with tf.device(device):
-        model = StatefulLSTM(_config(entities), entities)
+        model = StatefulLSTM(_config(entities, precision), entities)
         rng = np.random.default_rng(0)
         xs = rng.normal(size=(8, entities, len(FEATURES))).astype(np.float32)
         mask = rng.random((8, entities)) < 0.9
@@ -51,19 +59,21 @@ def _step(entities: int, device: str, budget_s: float) -> dict[str, float]:
     return {"p50": pct(ms, 50), "p99": pct(ms, 99), "calls": len(ms)}
 
 
-def _train(entities: int, device: str) -> dict[str, float]:
+def _train(entities: int, device: str, precision: Precision = "float32") -> dict[str, Any]:
     with tf.device(device):
-        cfg = _config(entities)
+        cfg = _config(entities, precision)
         model = StatefulLSTM(cfg, entities)
         learner = OnlineLearner(model, cfg)
         rng = np.random.default_rng(1)
         s, w, f = entities, WINDOW, len(FEATURES)
+        mask = rng.random((s, w)) < 0.9  # entities miss steps: windows with holes
+        realised = mask & np.roll(mask, -1, axis=1)
         args = (
             tf.constant(rng.normal(size=(s, w, f)).astype(np.float32)),
-            tf.constant(np.ones((s, w), bool)),  # full windows: the cuDNN-eligible case
+            tf.constant(mask),
             tf.constant(rng.normal(size=(s, w, 1)).astype(np.float32)),
-            tf.constant(np.ones((s, w, 1), np.float32)),
-            [(tf.zeros((s, 64)), tf.zeros((s, 64)))],
+            tf.constant(realised[:, :, None].astype(np.float32)),
+            [(tf.zeros((s, UNITS)), tf.zeros((s, UNITS)))],
         )
         for _ in range(2):
             loss, grads = learner._train_fn(*args)
@@ -74,54 +84,85 @@ def _train(entities: int, device: str) -> dict[str, float]:
             learner.optimizer.apply(grads, model.weights)
             float(loss)
             times.append((time.perf_counter() - t0) * 1e3)
+        kernel = window_kernel(learner._train_fn.get_concrete_function(*args))
     p50 = float(np.median(times))
-    return {"update_ms_p50": round(p50, 3), "entity_steps_per_s": round(s * w / (p50 / 1e3), 1)}
+    return {
+        "update_ms_p50": round(p50, 3),
+        "entity_steps_per_s": round(s * w / (p50 / 1e3), 1),
+        "kernel": kernel,
+        "loss_finite": bool(np.isfinite(float(loss))),
+    }
 
 
-def _cudnn_eligible() -> bool | None:
-    """Whether Keras's TF backend would take the cuDNN kernel for our LSTM layers."""
-    if not tf.config.list_physical_devices("GPU"):
+def _ratio(base: dict[str, Any], other: dict[str, Any]) -> float | None:
+    if "p50" not in base or "p50" not in other:
         return None
+    return round(base["p50"] / other["p50"], 2)
+
+
+def _guarded(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+    """One measurement; a failure is reported in its place and the others still run, since a
+    device session gets one try."""
     try:
-        from keras.src.backend.tensorflow import rnn as tf_rnn
-
-        return bool(
-            tf_rnn.cudnn_ok("tanh", "sigmoid", unroll=False, use_bias=True, reset_after=None)
-            if "reset_after" in tf_rnn.cudnn_ok.__code__.co_varnames
-            else tf_rnn.cudnn_ok("tanh", "sigmoid", unroll=False, use_bias=True)
-        )
-    except Exception:  # the private helper moved: report unknown rather than guess
-        return None
+        return fn(*args)
+    except (tf.errors.OpError, RuntimeError, ValueError) as exc:
+        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
 
 
-def run(entity_counts: list[int], *, budget_s: float = 3.0) -> dict[str, Any]:
+def run(
+    entity_counts: list[int], *, budget_s: float = 3.0, precision_steps: int = 0
+) -> dict[str, Any]:
+    """`precision_steps` > 0 adds `bench precision` (400 entities, that many steps) on the
+    device, so that one device session also measures bfloat16's accuracy there."""
     gpus = tf.config.list_physical_devices("GPU")
     device = "/GPU:0" if gpus else "/CPU:0"
+    where = "gpu" if gpus else "cpu"
     name = "cpu"
     if gpus:
         details = tf.config.experimental.get_device_details(gpus[0])
         name = str(details.get("device_name", gpus[0].name))
     results = []
     for n in entity_counts:
-        row: dict[str, Any] = {"entities": n, "cpu_step_ms": _step(n, "/CPU:0", budget_s)}
+        row: dict[str, Any] = {"entities": n, "cpu_step_ms": _guarded(_step, n, "/CPU:0", budget_s)}
         if gpus:
-            row["gpu_step_ms"] = _step(n, device, budget_s)
-            row["speedup_vs_cpu"] = round(row["cpu_step_ms"]["p50"] / row["gpu_step_ms"]["p50"], 2)
+            row["gpu_step_ms"] = _guarded(_step, n, device, budget_s)
+            row["speedup_vs_cpu"] = _ratio(row["cpu_step_ms"], row["gpu_step_ms"])
+        mixed = row[f"{where}_step_ms_{MIXED}"] = _guarded(_step, n, device, budget_s, MIXED)
+        row[f"{MIXED}_speedup"] = _ratio(row[f"{where}_step_ms"], mixed)
         results.append(row)
     train_n = 400
-    training = {"entities": train_n, "window": WINDOW, "cpu": _train(train_n, "/CPU:0")}
+    training: dict[str, Any] = {
+        "entities": train_n,
+        "window": WINDOW,
+        "cpu": _guarded(_train, train_n, "/CPU:0"),
+    }
     if gpus:
-        training["gpu"] = _train(train_n, device)
-        big = 10_000
-        training["gpu_10000"] = _train(big, device)
+        training["gpu"] = _guarded(_train, train_n, device)
+        training["gpu_10000"] = _guarded(_train, 10_000, device)
+        training[f"gpu_10000_{MIXED}"] = _guarded(_train, 10_000, device, MIXED)
+    else:
+        training[f"cpu_{MIXED}"] = _guarded(_train, train_n, device, MIXED)
+    gpu_kernels = {v.get("kernel") for k, v in training.items() if k.startswith("gpu")}
+    extra: dict[str, Any] = {}
+    if precision_steps:
+        from . import precision
+
+        extra["precision"] = _guarded(
+            lambda: precision.run(
+                entities=400, steps=precision_steps, drift_steps=min(500, precision_steps)
+            )
+        )
     return {
         "benchmark": "gpu",
         "device": name,
         "tensorflow": tf.__version__,
         "python": platform.python_version(),
-        "cudnn_eligible_for_training_windows": _cudnn_eligible(),
-        "note": "the single step is a hand-written XLA kernel, not cuDNN; training windows use "
-        "Keras LSTM layers, which take cuDNN on a GPU when every mask is right-padded",
+        # Read from the traced training graphs on the device; null without a GPU.
+        "cudnn_used_for_training_windows": gpu_kernels == {"cudnn"} if gpus else None,
+        "note": "the single step is a hand-written XLA kernel (one fused matmul per layer), "
+        "not cuDNN; training windows use the Keras LSTM layers, packed right-padded so that "
+        "cuDNN takes every window on a GPU",
         "step": results,
         "training": training,
+        **extra,
     }

@@ -32,21 +32,34 @@ ROLLING = 50
 RECOVERED = 1.3
 
 
-def _run(config: Config, market: SyntheticMarket, sim: dict[str, np.ndarray]) -> dict[str, Any]:
-    n, steps = market.entities, market.steps
-    core = Forecaster(config)
+def feed(
+    core: Forecaster, market: SyntheticMarket, sim: dict[str, np.ndarray], steps: int
+) -> np.ndarray:
+    """Stream the first `steps` steps through `core`; its one-step forecasts [steps, entities]."""
+    n = market.entities
     ids = [market.entity_id(i) for i in range(n)]
-    base = int(market.start_ts // config.stream.interval)
+    interval = core.config.stream.interval
+    base = int(market.start_ts // interval)
     forecasts = np.full((steps, n), np.nan)
-    t0 = time.perf_counter()
     for t in range(steps):
-        ts = market.start_ts + (t + 0.5) * config.stream.interval
+        ts = market.start_ts + (t + 0.5) * interval
         price, signal = sim["price"][t], sim["signal"][t]
         for i in range(n):
             core.ingest(Event(ids[i], ts, (float(price[i]), float(signal[i]))))
         for r in core.advance():
             idx = np.fromiter((int(e[3:]) for e in r.entities), dtype=np.int64)
             forecasts[r.step - base, idx] = np.where(r.valid, r.forecasts[:, 0], np.nan)
+    return forecasts
+
+
+def run_learning(
+    config: Config, market: SyntheticMarket, sim: dict[str, np.ndarray]
+) -> tuple[dict[str, Any], Forecaster]:
+    """One learning run over the whole market: its figures, and the core it leaves."""
+    steps = market.steps
+    core = Forecaster(config)
+    t0 = time.perf_counter()
+    forecasts = feed(core, market, sim, steps)
     elapsed = time.perf_counter() - t0
     # The forecast made at step t is for step t + 1.
     ret = sim["ret"]
@@ -83,7 +96,7 @@ def _run(config: Config, market: SyntheticMarket, sim: dict[str, np.ndarray]) ->
         "discarded": learner.stats.discarded,
         "engine_prequential_h1": core.prequential.summary("recent")[0],
         "seconds": round(elapsed, 1),
-    }
+    }, core
 
 
 def run(
@@ -96,11 +109,11 @@ def run(
         capacity=CapacityConfig(initial=entities, max_entities=max(entities, 1)),
         learn=LearnConfig(enabled=True),
     )
-    with_refresh = _run(base, market, sim)
+    with_refresh, _ = run_learning(base, market, sim)
     no_refresh_cfg = dataclasses.replace(
         base, learn=dataclasses.replace(base.learn, refresh_states=False)
     )
-    without = _run(no_refresh_cfg, market, sim)
+    without, _ = run_learning(no_refresh_cfg, market, sim)
     return {
         "benchmark": "learn",
         "entities": entities,
