@@ -12,9 +12,9 @@ from streamer.errors import EventError, Reason
 from streamer.synthetic import SyntheticMarket
 
 
-def config(**capacity) -> Config:
+def config(precision="float32", **capacity) -> Config:
     return Config(
-        model=ModelConfig(units=(16,), horizon=3, seed=1),
+        model=ModelConfig(units=(16,), horizon=3, seed=1, precision=precision),
         capacity=CapacityConfig(**({"initial": 4, "max_entities": 64} | capacity)),
     )
 
@@ -46,7 +46,8 @@ def test_synthetic_stream_gives_one_forecast_per_entity_and_step():
     assert core.registry.capacity == 16  # grew 4 -> 8 -> 16 without losing rows
 
 
-def test_growth_mid_stream_equals_a_run_with_room_from_the_start():
+@pytest.mark.parametrize("precision", ["float32", "mixed_bfloat16"])
+def test_growth_mid_stream_equals_a_run_with_room_from_the_start(precision):
     market = SyntheticMarket(entities=9, steps=8, seed=4)
     events = list(market.events())
     # Entities 5..8 join at step 4: they force a growth from 8 to 16 mid-stream.
@@ -55,12 +56,35 @@ def test_growth_mid_stream_equals_a_run_with_room_from_the_start():
     events = [
         e for k, e in enumerate(events) if k >= first_steps or e["entity"] not in late_joiners
     ]
-    small = drive(Forecaster(config(initial=5), clock=lambda: 2e9), events)
-    big = drive(Forecaster(config(initial=32), clock=lambda: 2e9), events)
+    small = drive(Forecaster(config(precision, initial=5), clock=lambda: 2e9), events)
+    big = drive(Forecaster(config(precision, initial=32), clock=lambda: 2e9), events)
     assert len(small) == len(big)
     for a, b in zip(small, big, strict=True):
         assert a.entities == b.entities
         np.testing.assert_allclose(a.forecasts, b.forecasts, atol=1e-6)
+
+
+def test_mixed_precision_resumes_exactly_from_exported_rows():
+    """States stay float32 under mixed_bfloat16: export, restore elsewhere, same forecasts."""
+    market = SyntheticMarket(entities=6, steps=20, seed=5)
+    events = list(market.events())
+    half = len(events) // 2
+    straight = Forecaster(config("mixed_bfloat16", initial=8), clock=lambda: 2e9)
+    first = drive(straight, events[:half])
+    rest = drive(straight, events[half:])
+    original = Forecaster(config("mixed_bfloat16", initial=8), clock=lambda: 2e9)
+    assert [r.step for r in drive(original, events[:half])] == [r.step for r in first]
+    slots = [original.registry.slot_of(market.entity_id(i)) for i in range(6)]
+    entities, rows, last = original.export_rows(slots)
+    assert rows.dtype == np.float32
+    resumed = Forecaster(config("mixed_bfloat16", initial=8), clock=lambda: 2e9)
+    resumed.restore_rows(entities, rows, last, slots_hint=slots)
+    resumed.aligner.resume_after(original.aligner.last_closed_step)
+    again = drive(resumed, events[half:])
+    assert len(rest) >= 8 and [r.step for r in again] == [r.step for r in rest]
+    for a, b in zip(rest, again, strict=True):
+        assert a.entities == b.entities
+        np.testing.assert_array_equal(a.forecasts, b.forecasts)
 
 
 def test_refused_events_carry_reasons_and_do_not_touch_state():
