@@ -28,10 +28,11 @@ def build_engine(config: Config) -> Engine:
 def run_engine(
     config: Config, *, max_steps: int | None = None, idle_exit_s: float | None = None
 ) -> EngineStats:
+    from .model import configure_devices, describe_device
+
+    configure_devices()  # before the model places anything on a GPU
     engine = build_engine(config)
     engine.install_signal_handlers()
-    from .model import describe_device
-
     log.info(describe_device(config.model.jit, config.model.precision))
     log.info(
         "streamer engine: group %s, %s -> %s (dead letters: %s)",

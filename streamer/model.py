@@ -69,6 +69,16 @@ def describe_device(jit: bool = True, precision: str = "float32") -> str:
     )
 
 
+def configure_devices() -> None:
+    """Let TensorFlow take GPU memory as it needs it rather than all of it at start-up, so
+    that a second engine or another process can share the device. Call before any tensor."""
+    for gpu in tf.config.list_physical_devices("GPU"):
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except (RuntimeError, ValueError) as exc:  # already initialised: keep the default
+            log.warning("GPU memory growth not set: %s", exc)
+
+
 def right_pad(mask: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
     """Pack each row's valid steps to the front of the window, keeping their order.
 
