@@ -10,7 +10,8 @@ After an accepted update the window is replayed with the new weights from the st
 states and the live (h, c) are replaced by the result ("burn-in", as R2D2 found stale
 recurrent state hurts after updates); `refresh_states = false` keeps the old states instead.
 
-Guard rails: an update with a non-finite loss or gradient is discarded (weights untouched);
+Guard rails: an update with a non-finite loss or gradient, or whose training call fails in
+TensorFlow (out of device memory, say), is discarded (weights untouched);
 gradients are clipped by norm; and for `shadow_steps` batches after an update the previous
 weights keep running in a shadow copy on the same inputs: if the new weights' one-step error
 is more than `rollback_threshold` worse, the weights, optimizer and live states roll back to
@@ -304,7 +305,21 @@ class OnlineLearner:
             tf.constant(tmask),
             [(tf.constant(h), tf.constant(c)) for h, c in start],
         )
-        loss, grads = self._train_fn(*args)
+        try:
+            loss, grads = self._train_fn(*args)
+        except tf.errors.OpError as exc:
+            # Learning is auxiliary: a failing kernel (out of device memory, a dtype the
+            # device's kernel lacks) must not stop the forecasts. Counted and logged as a
+            # discarded update, so the alert on discarded updates fires.
+            self.stats.discarded += 1
+            log.error(
+                "update discarded: training failed (%s: %s); forecasting goes on with "
+                "weights version %d",
+                type(exc).__name__,
+                str(exc).splitlines()[0][:300] if str(exc) else "",
+                self.version,
+            )
+            return False
         if self.window_kernel is None:
             # The traced graph says which LSTM kernel the windows really run on.
             self.window_kernel = window_kernel(self._train_fn.get_concrete_function(*args))

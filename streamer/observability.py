@@ -326,7 +326,7 @@ class LearningMetrics:
         )
         self.discarded = Counter(
             _name("learning_discarded_updates_total"),
-            "Updates discarded before use (non-finite loss or gradients).",
+            "Updates discarded before use (non-finite loss or gradients, or a failed call).",
             registry=r,
         )
         self.rollbacks = Counter(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from streamer.config import CapacityConfig, Config, LearnConfig, ModelConfig, StreamConfig
 from streamer.learner import OnlineLearner
@@ -166,6 +167,29 @@ def test_poisoned_update_is_discarded_and_learning_carries_on():
     assert learner.version == 0
     assert all(np.array_equal(a, b) for a, b in zip(weights, model.get_weights(), strict=True))
     feed(model, learner, xs[2 * W :], masks[2 * W :])  # the next window is clean again
+    assert learner.stats.updates == 1 and learner.version == 1
+
+
+def test_update_failing_in_tensorflow_is_discarded_and_learning_carries_on():
+    """E.g. the device runs out of memory: forecasts go on, the next update may succeed."""
+    cfg = config()
+    model = StatefulLSTM(cfg, S)
+    learner = OnlineLearner(model, cfg)
+    xs, masks = data(7, steps=3 * W)
+    feed(model, learner, xs[: 2 * W - 1], masks[: 2 * W - 1])
+    working = learner._train_fn
+
+    def out_of_memory(*args):
+        raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
+
+    learner._train_fn = out_of_memory
+    weights = model.get_weights()
+    learner.observe(model.step(xs[2 * W - 1], masks[2 * W - 1]))
+    assert learner.stats.discarded == 1 and learner.stats.updates == 0 and learner.version == 0
+    assert all(np.array_equal(a, b) for a, b in zip(weights, model.get_weights(), strict=True))
+    assert not learner.shadow_active
+    learner._train_fn = working
+    feed(model, learner, xs[2 * W :], masks[2 * W :])
     assert learner.stats.updates == 1 and learner.version == 1
 
 
