@@ -18,6 +18,10 @@ is more than `rollback_threshold` worse, the weights, optimizer and live states 
 the shadow's (which are exactly what the old weights would have produced).
 
 The learner works in batches (closed steps): horizons and windows count batches.
+
+The window lives where the model runs (`model.WindowRing`, written by the step itself), as do
+the stored window-start states; an update reads, trains, applies and replays there, so the
+host only sees three scalars per update and the window crosses only in checkpoints.
 """
 
 from __future__ import annotations
@@ -32,8 +36,8 @@ import numpy as np
 import tensorflow as tf
 
 from .config import Config, LearnConfig
-from .errors import StateError
-from .model import StatefulLSTM, StepOutput, window_kernel
+from .errors import ModelError, StateError
+from .model import StatefulLSTM, StepOutput, WindowRing, window_kernel
 from .state.format import pack_arrays, unpack_arrays
 
 log = logging.getLogger(__name__)
@@ -64,6 +68,16 @@ class _Shadow:
     prev_valid: np.ndarray | None = None
 
 
+def _fit_rows(a: np.ndarray, rows: int, axis: int = 0, fill: float = 0.0) -> np.ndarray:
+    """`a` with exactly `rows` entries along `axis`: cut, or padded with `fill`."""
+    n = a.shape[axis]
+    if n >= rows:
+        return np.take(a, np.arange(rows), axis=axis)
+    pad = [(0, 0)] * a.ndim
+    pad[axis] = (0, rows - n)
+    return np.pad(a, pad, constant_values=fill)
+
+
 class OnlineLearner:
     def __init__(self, model: StatefulLSTM, config: Config) -> None:
         self.model = model
@@ -72,19 +86,18 @@ class OnlineLearner:
         self.stats = LearnStats()
         self.version = 0
         self.batches = 0  # batches observed since the start (persisted with checkpoints)
-        w, cap, f = self.cfg.window, model.capacity, model.n_features
-        self._inputs = np.zeros((w, cap, f), np.float32)
-        self._valid = np.zeros((w, cap), bool)
-        self._target = np.zeros((w, cap), np.float32)
-        self._mean = np.zeros((w, cap), np.float32)
-        self._std = np.ones((w, cap), np.float32)
-        # Window-start states: batch count -> [(h, c)] per layer, taken after that batch.
-        self._snapshots: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+        if model.window is None:
+            raise ModelError("online learning needs a model built with its window")
+        if model.window.window != self.cfg.window:
+            raise ModelError(f"model window {model.window.window} != {self.cfg.window} steps")
+        # Window-start states: batch count -> [(h, c)] per layer, taken after that batch; kept
+        # where the model runs (device tensors), like the window itself.
+        self._snapshots: dict[int, list[tuple[tf.Tensor, tf.Tensor]]] = {}
         self.optimizer = keras.optimizers.Adam(
             learning_rate=self.cfg.learning_rate, clipnorm=self.cfg.clipnorm
         )
         self.optimizer.build(model.weights)
-        self._train_fn = tf.function(self._train_graph, reduce_retracing=True)
+        self._trace()
         self.window_kernel: str | None = None  # "cudnn" or "generic", known after one update
         self._shadow: _Shadow | None = None
         self._shadow_model: StatefulLSTM | None = None  # reused: building one compiles a step
@@ -96,30 +109,41 @@ class OnlineLearner:
     def shadow_active(self) -> bool:
         return self._shadow is not None
 
+    @property
+    def window(self) -> WindowRing:
+        assert self.model.window is not None  # checked in __init__
+        return self.model.window
+
+    def _trace(self) -> None:
+        """(Re)build the graph functions: they capture the window's variables, which a growth
+        replaces, so each capacity gets its own."""
+        self._capacity = self.model.capacity
+        self._update_fn = tf.function(self._update_graph, reduce_retracing=True)
+        self._refresh_fn = tf.function(self._refresh_graph, reduce_retracing=True)
+        self._window_fn = tf.function(self._window_graph)
+
     def grow(self, capacity: int) -> None:
-        cap = self._inputs.shape[1]
-        if capacity <= cap:
+        """After the model grew: pad the stored start states and retrace for the new size."""
+        if capacity <= self._capacity:
             return
-        pad = capacity - cap
-        self._inputs = np.pad(self._inputs, ((0, 0), (0, pad), (0, 0)))
-        self._valid = np.pad(self._valid, ((0, 0), (0, pad)))
-        self._target = np.pad(self._target, ((0, 0), (0, pad)))
-        self._mean = np.pad(self._mean, ((0, 0), (0, pad)))
-        self._std = np.pad(self._std, ((0, 0), (0, pad)), constant_values=1.0)
+        pad = capacity - self._capacity
         for snap in self._snapshots.values():
             for i, (h, c) in enumerate(snap):
-                snap[i] = (np.pad(h, ((0, pad), (0, 0))), np.pad(c, ((0, pad), (0, 0))))
+                snap[i] = (tf.pad(h, ((0, pad), (0, 0))), tf.pad(c, ((0, pad), (0, 0))))
         if self._shadow_model is not None:
             self._shadow_model.grow(capacity)
+        self._trace()
 
     def forget_rows(self, slots: list[int] | np.ndarray) -> None:
         """A slot changed hands: its window history and stored start states are void."""
         idx = np.asarray(slots, dtype=np.int64)
-        self._valid[:, idx] = False
+        self.window.forget(idx)
+        keep_np = np.ones((self.model.capacity, 1), bool)
+        keep_np[idx] = False
+        keep = tf.constant(keep_np)
         for snap in self._snapshots.values():
-            for h, c in snap:
-                h[idx] = 0.0
-                c[idx] = 0.0
+            for i, (h, c) in enumerate(snap):
+                snap[i] = (tf.where(keep, h, 0.0), tf.where(keep, c, 0.0))
         if self._shadow is not None:
             self._shadow.model.reset_rows(idx)
 
@@ -145,11 +169,7 @@ class OnlineLearner:
     def export_state(self) -> bytes:
         """Everything an exact resume needs besides weights: window, start states, shadow."""
         a: dict[str, np.ndarray] = {
-            "inputs": self._inputs,
-            "valid": self._valid,
-            "target": self._target,
-            "mean": self._mean,
-            "std": self._std,
+            **self.window.numpy(),
             "counters": np.array(
                 [
                     self.batches,
@@ -164,7 +184,7 @@ class OnlineLearner:
         }
         for key, snap in self._snapshots.items():
             for i, (h, c) in enumerate(snap):
-                a[f"snap{key}_h{i}"], a[f"snap{key}_c{i}"] = h, c
+                a[f"snap{key}_h{i}"], a[f"snap{key}_c{i}"] = np.asarray(h), np.asarray(c)
         sh = self._shadow
         if sh is not None:
             a["shadow_counters"] = np.array([sh.old_version, sh.remaining, sh.n], np.int64)
@@ -181,26 +201,36 @@ class OnlineLearner:
         return pack_arrays(a)
 
     def import_state(self, blob: bytes) -> None:
+        """Resume from `export_state`. Rows are fitted to the model's capacity: rows beyond it
+        hold no restored entity (restore_rows ran first), missing ones have no history."""
         a = unpack_arrays(blob)
         try:
-            cap = a["valid"].shape[1]
-            self.grow(cap)
-            if self._valid.shape != a["valid"].shape or self._inputs.shape != a["inputs"].shape:
+            w, f = self.cfg.window, self.model.n_features
+            if a["inputs"].shape[::2] != (w, f):
                 raise StateError(
-                    f"learner window {a['inputs'].shape} does not fit {self._inputs.shape}"
+                    f"learner window {a['inputs'].shape} does not fit ({w}, rows, {f})"
                 )
-            self._inputs = a["inputs"].astype(np.float32)
-            self._valid = a["valid"].astype(bool)
-            self._target = a["target"].astype(np.float32)
-            self._mean = a["mean"].astype(np.float32)
-            self._std = a["std"].astype(np.float32)
+            cap = self.model.capacity
+            if a["inputs"].shape[1] > cap and a["valid"][:, cap:].any():
+                log.warning("learner window rows beyond capacity %d dropped", cap)
             c = a["counters"]
             self.batches, self.version = int(c[0]), int(c[1])
+            self.window.load(
+                {
+                    name: _fit_rows(a[name], cap, axis=1, fill=1.0 if name == "std" else 0.0)
+                    for name in WindowRing.FIELDS
+                },
+                self.batches,
+            )
             self.stats.updates, self.stats.discarded, self.stats.rollbacks = map(int, c[2:5])
             layers = len(self.model.lstm_layers)
             self._snapshots = {
                 int(k): [
-                    (a[f"snap{k}_h{i}"].copy(), a[f"snap{k}_c{i}"].copy()) for i in range(layers)
+                    (
+                        tf.constant(_fit_rows(a[f"snap{k}_h{i}"], cap)),
+                        tf.constant(_fit_rows(a[f"snap{k}_c{i}"], cap)),
+                    )
+                    for i in range(layers)
                 ]
                 for k in a["snapshot_keys"]
             }
@@ -211,13 +241,10 @@ class OnlineLearner:
                 n_o = len(self.optimizer.variables)
                 old_w = [a[f"shadow_w{i}"].copy() for i in range(n_w)]
                 old_o = [a[f"shadow_opt{i}"].copy() for i in range(n_o)]
-                shadow = self._shadow_model
-                if shadow is None:
-                    shadow = self._shadow_model = StatefulLSTM(self.config, self.model.capacity)
-                shadow.grow(self.model.capacity)
+                shadow = self._shadow_or_new()
                 shadow.set_weights(old_w)
                 for name, var in shadow.bank.vars.items():
-                    var.assign(a[f"shadow_bank_{name}"])
+                    var.assign(_fit_rows(a[f"shadow_bank_{name}"], cap))
                 se = a["shadow_se"].view(np.float64)
                 sh = _Shadow(
                     shadow,
@@ -230,9 +257,9 @@ class OnlineLearner:
                     int(sc[2]),
                 )
                 if "shadow_prev" in a:
-                    prev = a["shadow_prev"].view(np.float64)
+                    prev = _fit_rows(a["shadow_prev"].view(np.float64), cap, axis=1)
                     sh.prev_new, sh.prev_old = prev[0].copy(), prev[1].copy()
-                    sh.prev_valid = a["shadow_prev_valid"].astype(bool)
+                    sh.prev_valid = _fit_rows(a["shadow_prev_valid"], cap).astype(bool)
                 self._shadow = sh
         except KeyError as exc:
             raise StateError(f"learner state lacks {exc}") from None
@@ -250,16 +277,10 @@ class OnlineLearner:
         if self._shadow is not None and shadow_forecast is not None:
             self._judge(out, shadow_forecast)
         w = self.cfg.window
-        i = self.batches % w
-        self._inputs[i] = out.inputs
-        self._valid[i] = out.valid
-        self._target[i] = out.target
-        self._mean[i] = out.target_mean
-        self._std[i] = np.maximum(out.target_std, 1e-12)
-        self.batches += 1
+        self.batches += 1  # the step itself recorded the batch in the window
         n = self.batches
         if (n + w) % self.cfg.update_every == 0:
-            self._snapshots[n] = [(h.copy(), c.copy()) for h, c in self.model.states()]
+            self._snapshots[n] = self._live_states()
         if n % self.cfg.update_every == 0 and n >= w and self._shadow is None:
             self.update()
         for key in [k for k in self._snapshots if k < n - w]:
@@ -267,23 +288,63 @@ class OnlineLearner:
 
     # ------------------------------------------------------------------ training
 
-    def window_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(inputs [S,W,F], mask [S,W], targets [S,W,H], target mask [S,W,H]), oldest first."""
+    def _live_states(self) -> list[tuple[tf.Tensor, tf.Tensor]]:
+        """A copy of the live (h, c) of every layer, where the model runs."""
+        v = self.model.bank.vars
+        return [
+            (tf.identity(v[f"h{i}"]), tf.identity(v[f"c{i}"]))
+            for i in range(len(self.model.lstm_layers))
+        ]
+
+    def _window_graph(self) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+        """(inputs [S,W,F], mask [S,W], targets [S,W,H], target mask [S,W,H]), oldest first.
+
+        Forecast j's horizon-k target is step j+k's target, normalised with step j's
+        statistics; it counts only if the row advanced in both steps.
+        """
         w, h = self.cfg.window, self.model.horizon
-        order = [(self.batches - w + k) % w for k in range(w)]
-        inputs = self._inputs[order].transpose(1, 0, 2)
-        mask = self._valid[order].T
-        target = self._target[order].T
-        mean, std = self._mean[order].T, self._std[order].T
-        cap = inputs.shape[0]
-        targets = np.zeros((cap, w, h), np.float32)
-        tmask = np.zeros((cap, w, h), np.float32)
+        ring = self.window.ordered()
+        mask = ring["valid"] > 0.5
+        target, mean, std = ring["target"], ring["mean"], ring["std"]
+        targets, tmask = [], []
         for k in range(1, h + 1):
-            if k >= w:
-                break
-            targets[:, : w - k, k - 1] = (target[:, k:] - mean[:, : w - k]) / std[:, : w - k]
-            tmask[:, : w - k, k - 1] = mask[:, : w - k] & mask[:, k:]
-        return inputs, mask, targets, tmask
+            if k >= w:  # beyond the window: never realised inside it
+                targets.append(tf.zeros_like(target))
+                tmask.append(tf.zeros_like(target))
+                continue
+            pad = tf.zeros_like(target[:, :k])
+            realised = (target[:, k:] - mean[:, : w - k]) / std[:, : w - k]
+            both = tf.cast(tf.logical_and(mask[:, : w - k], mask[:, k:]), tf.float32)
+            targets.append(tf.concat([realised, pad], axis=1))
+            tmask.append(tf.concat([both, pad], axis=1))
+        return ring["inputs"], mask, tf.stack(targets, axis=2), tf.stack(tmask, axis=2)
+
+    def window_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The training window on the host (inspection and tests; updates never copy it)."""
+        inputs, mask, targets, tmask = self._window_fn()
+        return inputs.numpy(), mask.numpy(), targets.numpy(), tmask.numpy()
+
+    def _update_graph(
+        self, start: list[tuple[tf.Tensor, tf.Tensor]]
+    ) -> tuple[tf.Tensor, list[tf.Tensor], tf.Tensor, tf.Tensor]:
+        """Loss, gradients, number of realised targets, and whether all of it is finite."""
+        inputs, mask, targets, tmask = self._window_graph()
+        loss, grads = self._train_graph(inputs, mask, targets, tmask, start)
+        finite = tf.reduce_all(
+            [tf.math.is_finite(loss)] + [tf.reduce_all(tf.math.is_finite(g)) for g in grads]
+        )
+        return loss, grads, tf.reduce_sum(tmask), finite
+
+    def _refresh_graph(self, start: list[tuple[tf.Tensor, tf.Tensor]]) -> tf.Tensor:
+        """Burn-in: replay the window with the current weights from `start` into the live
+        (h, c)."""
+        inputs, mask, _, _ = self._window_graph()
+        _, finals = self.model.window_forward(inputs, mask, start)
+        bank = self.model.bank.vars
+        for i, (h, c) in enumerate(finals):
+            bank[f"h{i}"].assign(h)
+            bank[f"c{i}"].assign(c)
+        return tf.constant(True)
 
     def update(self) -> bool:
         """One truncated-BPTT update over the window; True if accepted."""
@@ -292,25 +353,12 @@ class OnlineLearner:
             log.debug("no window-start state for batch %d: update skipped", self.batches)
             return False
         t0 = time.perf_counter()
-        inputs, mask, targets, tmask = self.window_arrays()
-        if tmask.sum() == 0:
-            return False
-        old_weights = self.model.get_weights()
-        old_opt = [np.array(v.numpy()) for v in self.optimizer.variables]
-        old_states = [(h.copy(), c.copy()) for h, c in self.model.states()]
-        args = (
-            tf.constant(inputs),
-            tf.constant(mask),
-            tf.constant(targets),
-            tf.constant(tmask),
-            [(tf.constant(h), tf.constant(c)) for h, c in start],
-        )
         try:
-            loss, grads = self._train_fn(*args)
+            loss, grads, realised, finite = self._update_fn(start)
         except tf.errors.OpError as exc:
             # Learning is auxiliary: a failing kernel (out of device memory, a dtype the
             # device's kernel lacks) must not stop the forecasts. Counted and logged as a
-            # discarded update, so the alert on discarded updates fires.
+            # discarded update.
             self.stats.discarded += 1
             log.error(
                 "update discarded: training failed (%s: %s); forecasting goes on with "
@@ -322,19 +370,21 @@ class OnlineLearner:
             return False
         if self.window_kernel is None:
             # The traced graph says which LSTM kernel the windows really run on.
-            self.window_kernel = window_kernel(self._train_fn.get_concrete_function(*args))
+            self.window_kernel = window_kernel(self._update_fn.get_concrete_function(start))
             log.info("training windows run on the %s LSTM kernel", self.window_kernel)
+        if float(realised) == 0:
+            return False
         loss_value = float(loss)
-        finite = np.isfinite(loss_value) and all(
-            bool(tf.reduce_all(tf.math.is_finite(g))) for g in grads if g is not None
-        )
-        if not finite:
+        if not bool(finite):
             self.stats.discarded += 1
             log.warning("update discarded: non-finite loss or gradient (loss %s)", loss_value)
             return False
+        old_weights = self.model.get_weights()
+        old_opt = [np.array(v.numpy()) for v in self.optimizer.variables]
+        old_states = self._live_states()
         self.optimizer.apply(grads, self.model.weights)
         if self.cfg.refresh_states:
-            self.refresh_states(inputs, mask, start)
+            self._refresh_fn(start)
         old_version = self.version
         self.version += 1
         self.stats.updates += 1
@@ -346,16 +396,6 @@ class OnlineLearner:
         if self.on_update is not None:
             self.on_update(self.version)
         return True
-
-    def refresh_states(
-        self, inputs: np.ndarray, mask: np.ndarray, start: list[tuple[np.ndarray, np.ndarray]]
-    ) -> None:
-        """Burn-in: replay the window with the current weights from the stored start states."""
-        finals = self.model.replay_window(inputs, mask, start)
-        bank = self.model.bank.vars
-        for i, (h, c) in enumerate(finals):
-            bank[f"h{i}"].assign(h)
-            bank[f"c{i}"].assign(c)
 
     def _train_graph(
         self,
@@ -384,22 +424,29 @@ class OnlineLearner:
         self,
         old_weights: list[np.ndarray],
         old_opt: list[np.ndarray],
-        old_states: list[tuple[np.ndarray, np.ndarray]],
+        old_states: list[tuple[tf.Tensor, tf.Tensor]],
         old_version: int,
     ) -> None:
-        shadow = self._shadow_model
-        if shadow is None:
-            shadow = self._shadow_model = StatefulLSTM(self.config, self.model.capacity)
-        shadow.grow(self.model.capacity)
+        shadow = self._shadow_or_new()
         shadow.set_weights(old_weights)
-        live = self.model.bank.numpy()
-        for i, (h, c) in enumerate(old_states):
-            live[f"h{i}"], live[f"c{i}"] = h, c
+        # The shadow starts from the live rows as they were before the update (device to
+        # device): its (h, c) are the pre-refresh ones, the rest is shared.
+        old = {f"h{i}": h for i, (h, _) in enumerate(old_states)}
+        old |= {f"c{i}": c for i, (_, c) in enumerate(old_states)}
         for name, var in shadow.bank.vars.items():
-            var.assign(live[name])
+            var.assign(old.get(name, self.model.bank.vars[name]))
         self._shadow = _Shadow(
             shadow, old_weights, old_opt, old_version, remaining=self.cfg.shadow_steps
         )
+
+    def _shadow_or_new(self) -> StatefulLSTM:
+        """The shadow model (no window of its own), built once: building compiles a step."""
+        shadow = self._shadow_model
+        if shadow is None:
+            shadow = StatefulLSTM(self.config, self.model.capacity, window=False)
+            self._shadow_model = shadow
+        shadow.grow(self.model.capacity)
+        return shadow
 
     def _judge(self, out: StepOutput, shadow_forecast: np.ndarray) -> None:
         sh = self._shadow
@@ -431,9 +478,8 @@ class OnlineLearner:
         self.model.set_weights(sh.old_weights)
         for var, value in zip(self.optimizer.variables, sh.old_optimizer, strict=True):
             var.assign(value)
-        shadow_bank = sh.model.bank.numpy()
         for name, var in self.model.bank.vars.items():
-            var.assign(shadow_bank[name])
+            var.assign(sh.model.bank.vars[name])
         self.version = sh.old_version
         self.stats.rollbacks += 1
         if self.on_update is not None:

@@ -185,17 +185,94 @@ class StepOutput:
 
     forecasts: np.ndarray  # float32 [capacity, horizon], target's transformed units
     valid: np.ndarray  # bool [capacity]: row advanced in this step
-    # What online learning needs from the step, all [capacity]-leading:
-    inputs: np.ndarray  # float32 [capacity, features]: the normalised inputs the LSTM saw
     target: np.ndarray  # float32 [capacity]: this step's target in transformed units
-    target_mean: np.ndarray  # float32 [capacity]: normalisation of the target at this step
-    target_std: np.ndarray  # float32 [capacity]
+
+
+# Floor of the stored target std, so that a constant target cannot divide by zero in a loss.
+MIN_TARGET_STD = 1e-12
+
+
+class WindowRing:
+    """The last `window` steps of what online learning needs, kept where the model runs.
+
+    Slot `t % window` holds step t: the normalised inputs the LSTM saw [W, capacity, F],
+    whether each row advanced, the row's target in transformed units and the target's
+    normalisation at that step (all [W, capacity]). The step writes its slot itself, so
+    neither a step nor an update copies the window between host and device; it crosses only
+    when a checkpoint exports it. `pos` is the slot the next step writes.
+    """
+
+    FIELDS = ("inputs", "valid", "target", "mean", "std")
+
+    def __init__(self, window: int, n_features: int, capacity: int) -> None:
+        self.window = window
+        self.n_features = n_features
+        self.capacity = 0
+        self.pos = tf.Variable(0, dtype=tf.int32, trainable=False, name="window_pos")
+        self.vars: dict[str, tf.Variable] = {}
+        self.grow(capacity)
+
+    def _shape(self, name: str, rows: int) -> tuple[int, ...]:
+        return (self.window, rows, self.n_features) if name == "inputs" else (self.window, rows)
+
+    def grow(self, capacity: int) -> None:
+        """Append rows (nothing recorded: not valid, std 1); existing rows are kept."""
+        if capacity <= self.capacity:
+            return
+        new_vars = {}
+        for name in self.FIELDS:
+            fill = 1.0 if name == "std" else 0.0
+            fresh = tf.fill(self._shape(name, capacity - self.capacity), fill)
+            if name in self.vars:
+                fresh = tf.concat([self.vars[name].read_value(), fresh], axis=1)
+            new_vars[name] = tf.Variable(fresh, trainable=False, name=f"window_{name}")
+        self.vars = new_vars
+        self.capacity = capacity
+
+    def record(self, values: Mapping[str, tf.Tensor]) -> None:
+        """Graph side: write this step's [capacity, ...] values into slot `pos`, advance it."""
+        pos = self.pos.read_value()
+        index = tf.reshape(pos, (1, 1))
+        for name in self.FIELDS:
+            self.vars[name].scatter_nd_update(index, values[name][None])
+        self.pos.assign((pos + 1) % self.window)
+
+    def ordered(self) -> dict[str, tf.Tensor]:
+        """Graph side: every field row-major and oldest step first ([capacity, W, ...])."""
+        idx = (self.pos.read_value() + tf.range(self.window)) % self.window
+        out = {}
+        for name in self.FIELDS:
+            x = tf.gather(self.vars[name].read_value(), idx, axis=0)
+            out[name] = tf.transpose(x, (1, 0, 2)) if name == "inputs" else tf.transpose(x)
+        return out
+
+    def forget(self, slots: np.ndarray) -> None:
+        """These rows changed hands: nothing in the window is theirs any more."""
+        keep = np.ones(self.capacity, np.float32)
+        keep[slots] = 0.0
+        self.vars["valid"].assign(self.vars["valid"] * tf.constant(keep)[None, :])
+
+    def numpy(self) -> dict[str, np.ndarray]:
+        """Host copy in slot order, for checkpoints ("valid" as bool)."""
+        out = {name: v.numpy() for name, v in self.vars.items()}
+        out["valid"] = out["valid"] > 0.5
+        return out
+
+    def load(self, arrays: Mapping[str, np.ndarray], steps_seen: int) -> None:
+        """Restore a `numpy()` copy; `steps_seen` (the learner's batch count) sets `pos`."""
+        for name, var in self.vars.items():
+            value = np.asarray(arrays[name], np.float32)
+            if value.shape != tuple(var.shape):
+                raise ModelError(f'window "{name}" has shape {value.shape}, expected {var.shape}')
+            var.assign(value)
+        self.pos.assign(steps_seen % self.window)
 
 
 class StatefulLSTM:
     """Keras-owned weights + explicit per-slot states + one compiled step per capacity."""
 
-    def __init__(self, config: Config, capacity: int) -> None:
+    def __init__(self, config: Config, capacity: int, *, window: bool | None = None) -> None:
+        """`window`: keep a WindowRing for online learning (default: when learning is on)."""
         self._stream = config.stream
         self._cfg = config.model
         self.n_features = len(self._stream.features)
@@ -238,11 +315,13 @@ class StatefulLSTM:
         )
         self.head.build((None, in_dim))
         self.bank = StateBank(self._row_shapes(), capacity)
-        # Only online learning needs the normalised inputs back on the host every step; without
-        # it the device returns forecasts, validity and the realised target (for scoring).
-        self._learning_outputs = config.learn.enabled
+        # Online learning reads its window where the model runs; the host gets forecasts,
+        # validity and the realised target (for scoring) and nothing else.
+        keep_window = config.learn.enabled if window is None else window
+        self.window: WindowRing | None = (
+            WindowRing(config.learn.window, self.n_features, capacity) if keep_window else None
+        )
         self._step_fn = self._compile()
-        self._replay_fn: Any = None
 
     # ---------------------------------------------------------------- public API
 
@@ -281,30 +360,15 @@ class StatefulLSTM:
         packed[:, : self.n_features] = x
         packed[:, self.n_features] = mask
         out = self._step_fn(tf.constant(packed)).numpy()
-        h, f = self.horizon, self.n_features
-        if not self._learning_outputs:
-            empty = np.zeros((0,), np.float32)
-            return StepOutput(
-                forecasts=out[:, :h],
-                valid=out[:, h] > 0.5,
-                inputs=np.zeros((cap, 0), np.float32),
-                target=out[:, h + 1],
-                target_mean=empty,
-                target_std=empty,
-            )
-        return StepOutput(
-            forecasts=out[:, :h],
-            valid=out[:, h] > 0.5,
-            inputs=out[:, h + 2 : h + 2 + f],
-            target=out[:, h + 1],
-            target_mean=out[:, h + 2 + f],
-            target_std=out[:, h + 3 + f],
-        )
+        h = self.horizon
+        return StepOutput(forecasts=out[:, :h], valid=out[:, h] > 0.5, target=out[:, h + 1])
 
     def grow(self, capacity: int) -> None:
         """Add rows (zero state) up to `capacity`; existing rows are untouched."""
         if capacity != self.capacity:
             self.bank.grow(capacity)
+            if self.window is not None:
+                self.window.grow(capacity)
             self._step_fn = self._compile()
 
     def reset_rows(self, slots: Sequence[int] | np.ndarray) -> None:
@@ -337,21 +401,6 @@ class StatefulLSTM:
             finals.append((h, c))
         y = tf.cast(self.head(x), tf.float32)
         return tf.gather(y, inverse, batch_dims=1), finals
-
-    def replay_window(
-        self, inputs: np.ndarray, mask: np.ndarray, start: Sequence[tuple[np.ndarray, np.ndarray]]
-    ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Final (h, c) per layer after replaying the window from `start` (no gradients)."""
-        if self._replay_fn is None:
-            self._replay_fn = tf.function(
-                lambda x, m, s: self.window_forward(x, m, s)[1], reduce_retracing=True
-            )
-        finals = self._replay_fn(
-            tf.constant(inputs),
-            tf.constant(mask),
-            [(tf.constant(h), tf.constant(c)) for h, c in start],
-        )
-        return [(np.asarray(h), np.asarray(c)) for h, c in finals]
 
     def reference_model(self, batch_size: int, masking: bool = True) -> keras.Model:
         """A Keras `stateful=True` model with these weights (the seed's setup), for checks.
@@ -459,10 +508,18 @@ class StatefulLSTM:
             h_in = new_h
         y = self._matmul(h_in, self.head.kernel.value) + self.head.bias.value
         y = y * t_std + t_mean
-        parts = [y, tf.cast(valid, tf.float32), target]
-        if self._learning_outputs:
-            parts += [inputs, t_mean, t_std]
-        return tf.concat(parts, axis=1)
+        valid_f = tf.cast(valid, tf.float32)
+        if self.window is not None:
+            self.window.record(
+                {
+                    "inputs": inputs,
+                    "valid": valid_f[:, 0],
+                    "target": target[:, 0],
+                    "mean": t_mean[:, 0],
+                    "std": tf.maximum(t_std[:, 0], MIN_TARGET_STD),
+                }
+            )
+        return tf.concat([y, valid_f, target], axis=1)
 
 
 # Feature value that marks a masked row for `StatefulLSTM.reference_model`.

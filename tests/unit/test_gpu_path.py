@@ -149,15 +149,12 @@ def test_packed_window_gradients_equal_keras_in_place_masking():
 
 
 def _traced_update(cfg: Config):
+    """The update graph the engine runs (window read where the model runs), traced."""
     model = StatefulLSTM(cfg, S)
     learner = OnlineLearner(model, cfg)
     f32 = tf.float32
-    return learner._train_fn.get_concrete_function(
-        tf.TensorSpec((S, W, F), f32),
-        tf.TensorSpec((S, W), tf.bool),
-        tf.TensorSpec((S, W, 2), f32),
-        tf.TensorSpec((S, W, 2), f32),
-        [(tf.TensorSpec((S, u), f32), tf.TensorSpec((S, u), f32)) for u in cfg.model.units],
+    return learner._update_fn.get_concrete_function(
+        [(tf.TensorSpec((S, u), f32), tf.TensorSpec((S, u), f32)) for u in cfg.model.units]
     )
 
 

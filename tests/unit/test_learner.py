@@ -68,33 +68,19 @@ def test_update_from_stored_states_matches_tbptt_by_hand():
     warm_x, warm_m = data(1, steps=3)
     for x, m in zip(warm_x, warm_m, strict=True):
         model.step(x, m)  # the window starts from these (non-zero) states
-    learner.batches = 0
     start_states = [(h.copy(), c.copy()) for h, c in model.states()]
-    learner._snapshots[0] = start_states  # as observe() takes it W batches before an update
     xs, masks = data(2)
     for x, m in zip(xs, masks, strict=True):
-        out = model.step(x, m)
-        # observe without triggering the update: fill the window by hand
-        i = learner.batches % W
-        learner._inputs[i], learner._valid[i] = out.inputs, out.valid
-        learner._target[i], learner._mean[i], learner._std[i] = (
-            out.target,
-            out.target_mean,
-            out.target_std,
-        )
-        learner.batches += 1
+        model.step(x, m)  # the step records the window itself; no observe: no update yet
     inputs, mask, targets, tmask = learner.window_arrays()
+    assert np.array_equal(mask, masks.T)  # the last W steps, oldest first
     # Delayed labels: nothing for the last k batches of the window at horizon k.
     assert tmask[:, W - 1, :].sum() == 0 and tmask[:, W - 2, 1].sum() == 0
-    import tensorflow as tf
-
-    loss, grads = learner._train_fn(
-        tf.constant(inputs),
-        tf.constant(mask),
-        tf.constant(targets),
-        tf.constant(tmask),
-        [(tf.constant(h), tf.constant(c)) for h, c in start_states],
+    assert tmask.sum() > 0
+    loss, grads, realised, finite = learner._update_fn(
+        [(tf.constant(h), tf.constant(c)) for h, c in start_states]
     )
+    assert float(realised) == tmask.sum() and bool(finite)
     weights = model.get_weights()
     ref = numpy_loss(weights, inputs, mask, targets, tmask, *start_states[0])
     assert float(loss) == pytest.approx(ref, rel=1e-5)
@@ -160,7 +146,8 @@ def test_poisoned_update_is_discarded_and_learning_carries_on():
     learner = OnlineLearner(model, cfg)
     xs, masks = data(5, steps=3 * W)
     feed(model, learner, xs[: 2 * W - 1], masks[: 2 * W - 1])
-    learner._target[:] = np.nan  # a poisoned window
+    target = learner.window.vars["target"]
+    target.assign(tf.fill(target.shape, np.nan))  # a poisoned window
     weights = model.get_weights()
     learner.observe(model.step(xs[2 * W - 1], masks[2 * W - 1]))
     assert learner.stats.discarded == 1 and learner.stats.updates == 0
@@ -177,18 +164,18 @@ def test_update_failing_in_tensorflow_is_discarded_and_learning_carries_on():
     learner = OnlineLearner(model, cfg)
     xs, masks = data(7, steps=3 * W)
     feed(model, learner, xs[: 2 * W - 1], masks[: 2 * W - 1])
-    working = learner._train_fn
+    working = learner._update_fn
 
     def out_of_memory(*args):
         raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
 
-    learner._train_fn = out_of_memory
+    learner._update_fn = out_of_memory
     weights = model.get_weights()
     learner.observe(model.step(xs[2 * W - 1], masks[2 * W - 1]))
     assert learner.stats.discarded == 1 and learner.stats.updates == 0 and learner.version == 0
     assert all(np.array_equal(a, b) for a, b in zip(weights, model.get_weights(), strict=True))
     assert not learner.shadow_active
-    learner._train_fn = working
+    learner._update_fn = working
     feed(model, learner, xs[2 * W :], masks[2 * W :])
     assert learner.stats.updates == 1 and learner.version == 1
 
@@ -218,3 +205,94 @@ def test_rollback_restores_previous_weights_and_states():
     for (h, c), (th, tc) in zip(model.states(), twin.states(), strict=True):
         np.testing.assert_allclose(h, th, atol=1e-6)
         np.testing.assert_allclose(c, tc, atol=1e-6)
+
+
+# ------------------------------------------------------------------ window where the model runs
+
+
+def feed_with_shadow(model: StatefulLSTM, learner: OnlineLearner, xs, masks) -> None:
+    """As Forecaster.apply does: the shadow steps first, on the same batch."""
+    for x, m in zip(xs, masks, strict=True):
+        shadow = learner.shadow_step(x, m)
+        learner.observe(model.step(x, m), shadow)
+
+
+def test_export_then_import_resumes_exactly():
+    """Checkpoint mid-window (snapshots and a shadow pending), resume in a fresh learner."""
+    cfg = config(shadow_steps=2, rollback_threshold=10.0)
+    xs, masks = data(8, steps=4 * W + 2)
+    cut = 2 * W + 1  # just after an update: its shadow comparison is still running
+    model = StatefulLSTM(cfg, S)
+    learner = OnlineLearner(model, cfg)
+    feed_with_shadow(model, learner, xs[:cut], masks[:cut])
+    assert learner.shadow_active and learner._snapshots
+    blob, weights, version = learner.export_state(), learner.export_weights(), learner.version
+    rows = model.bank.numpy()
+    feed_with_shadow(model, learner, xs[cut:], masks[cut:])
+
+    model2 = StatefulLSTM(cfg, S)
+    learner2 = OnlineLearner(model2, cfg)
+    learner2.import_weights(weights, version)
+    learner2.import_state(blob)
+    for name, var in model2.bank.vars.items():
+        var.assign(rows[name])
+    feed_with_shadow(model2, learner2, xs[cut:], masks[cut:])
+    assert learner2.stats.updates == learner.stats.updates >= 3
+    assert learner2._update_fn.experimental_get_tracing_count() == 1  # no retrace per update
+    for a, b in zip(model.get_weights(), model2.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    for (h, c), (h2, c2) in zip(model.states(), model2.states(), strict=True):
+        np.testing.assert_array_equal(h, h2)
+        np.testing.assert_array_equal(c, c2)
+
+
+def test_growth_mid_window_equals_a_run_with_room_from_the_start():
+    cfg = config()
+    xs, masks = data(9, steps=4 * W)
+    grow_at = W + 2  # a stored window-start state and a half-filled window get padded
+    big = 2 * S
+
+    def padded(x, m):
+        return np.pad(x, ((0, big - S), (0, 0))), np.pad(m, (0, big - S))
+
+    roomy = StatefulLSTM(cfg, big)
+    roomy_learner = OnlineLearner(roomy, cfg)
+    for x, m in zip(xs, masks, strict=True):
+        roomy_learner.observe(roomy.step(*padded(x, m)))
+
+    model = StatefulLSTM(cfg, S)
+    learner = OnlineLearner(model, cfg)
+    feed(model, learner, xs[:grow_at], masks[:grow_at])
+    model.grow(big)
+    learner.grow(big)
+    for x, m in zip(xs[grow_at:], masks[grow_at:], strict=True):
+        learner.observe(model.step(*padded(x, m)))
+    assert learner.stats.updates == roomy_learner.stats.updates >= 3
+    for a, b in zip(model.get_weights(), roomy.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    for (h, c), (rh, rc) in zip(model.states(), roomy.states(), strict=True):
+        np.testing.assert_allclose(h, rh, atol=1e-5)
+        np.testing.assert_allclose(c, rc, atol=1e-5)
+
+
+@pytest.mark.parametrize("stored_rows", [S - 1, S + 2])
+def test_import_fits_the_window_to_the_model_capacity(stored_rows):
+    """Rows beyond the model hold no restored entity; missing rows have no history."""
+    cfg = config()
+    xs, masks = data(10, steps=W + 2)
+    other = StatefulLSTM(cfg, stored_rows)
+    other_learner = OnlineLearner(other, cfg)
+    pad = max(stored_rows - S, 0)
+    for x, m in zip(xs, masks, strict=True):
+        x2, m2 = np.pad(x, ((0, pad), (0, 0)))[:stored_rows], np.pad(m, (0, pad))[:stored_rows]
+        other_learner.observe(other.step(x2, m2))
+    model = StatefulLSTM(cfg, S)
+    learner = OnlineLearner(model, cfg)
+    learner.import_state(other_learner.export_state())
+    inputs, mask, _, _ = learner.window_arrays()
+    ref_inputs, ref_mask, _, _ = other_learner.window_arrays()
+    n = min(S, stored_rows)
+    np.testing.assert_array_equal(inputs[:n], ref_inputs[:n])
+    np.testing.assert_array_equal(mask[:n], ref_mask[:n])
+    assert not mask[n:].any()
+    assert learner.batches == other_learner.batches
