@@ -9,7 +9,7 @@ import threading
 from .config import Config
 from .engine import Engine, EngineStats
 from .http_api import serve as serve_http
-from .kafka_io import KafkaIO, ensure_topics
+from .kafka_io import KafkaIO, client_kwargs, ensure_topics
 from .services import EmbeddedStack
 from .state.redis_store import RedisStore
 
@@ -18,10 +18,12 @@ log = logging.getLogger(__name__)
 
 def build_engine(config: Config) -> Engine:
     """An engine on the configured Kafka and Redis; fails fast if either is unreachable."""
-    store = RedisStore(config.redis.url, config.namespace)
+    store = RedisStore.from_config(config.redis, config.namespace)
     store.ping()
     k = config.kafka
-    ensure_topics(k.bootstrap, [k.input_topic, k.output_topic, k.dlq], k.partitions)
+    ensure_topics(
+        k.bootstrap, [k.input_topic, k.output_topic, k.dlq], k.partitions, client_kwargs(k)
+    )
     return Engine(config, store, KafkaIO(k))
 
 

@@ -212,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if args.version:
                     from .state.redis_store import RedisStore
 
-                    store = RedisStore(config.redis.url, config.namespace)
+                    store = RedisStore.from_config(config.redis, config.namespace)
                     blob = store.get_weights(args.version)
                     if blob is None:
                         print(

@@ -20,7 +20,7 @@ from .codec import encode_event
 from .config import Config
 from .errors import EventError, KafkaError, Reason
 from .events import EventParser
-from .kafka_io import ensure_topics
+from .kafka_io import client_kwargs, ensure_topics
 from .kafka_io import producer as make_producer
 from .synthetic import SyntheticMarket
 
@@ -38,8 +38,11 @@ class EventProducer:
         self._encoding = config.kafka.encoding
         self._topic = topic or config.kafka.input_topic
         bootstrap = bootstrap or config.kafka.bootstrap
-        ensure_topics(bootstrap, [self._topic], config.kafka.partitions)
-        self._producer = make_producer(bootstrap, acks=1, linger_ms=20, enable_idempotence=False)
+        security = client_kwargs(config.kafka)
+        ensure_topics(bootstrap, [self._topic], config.kafka.partitions, security)
+        self._producer = make_producer(
+            bootstrap, security, acks=1, linger_ms=20, enable_idempotence=False
+        )
         self.sent = 0
 
     def send(self, entity: str, ts: float, values: Mapping[str, float] | Sequence[float]) -> None:

@@ -22,7 +22,7 @@ from typing import Any, TextIO
 from .config import Config
 from .engine import Engine
 from .forecaster import StepResult
-from .kafka_io import KafkaIO, ensure_topics
+from .kafka_io import KafkaIO, client_kwargs, ensure_topics
 from .produce import produce_synthetic
 from .services import EmbeddedStack
 from .state.redis_store import RedisStore
@@ -65,7 +65,7 @@ def run_stack_demo(
         learn=dataclasses.replace(config.learn, enabled=True),
     )
     k = config.kafka
-    ensure_topics(bootstrap, [k.input_topic, k.output_topic, k.dlq], k.partitions)
+    ensure_topics(bootstrap, [k.input_topic, k.output_topic, k.dlq], k.partitions, client_kwargs(k))
     produced: dict[str, Any] = {}
 
     def producer() -> None:
@@ -76,7 +76,7 @@ def run_stack_demo(
         except Exception as exc:  # reported below; the engine stops on idleness
             produced["error"] = exc
 
-    store = RedisStore(redis_url, config.namespace)
+    store = RedisStore.from_config(config.redis, config.namespace)
     engine = Engine(config, store, KafkaIO(k), progress_every_s=2.0)
     engine.install_signal_handlers()
     show = [f"SYN{i:05d}" for i in range(min(3, entities))]

@@ -31,7 +31,7 @@ from kafka import KafkaConsumer, TopicPartition
 
 from ..config import CheckpointConfig, Config, KafkaConfig, RedisConfig
 from ..engine import Engine
-from ..kafka_io import KafkaIO, ensure_topics
+from ..kafka_io import KafkaIO, client_kwargs, ensure_topics
 from ..kafka_io import producer as make_producer
 from ..produce import produce_synthetic
 from ..services import EmbeddedStack
@@ -95,7 +95,7 @@ def _passthrough(bootstrap: str, topic: str, partitions: int, n: int) -> float:
 
 
 def _engine(config: Config, n_events: int) -> tuple[float, Engine]:
-    store = RedisStore(config.redis.url, config.namespace)
+    store = RedisStore.from_config(config.redis, config.namespace)
     engine = Engine(config, store, KafkaIO(config.kafka), progress_every_s=3600)
     first: list[float] = []
     done_at: list[float] = []
@@ -137,8 +137,10 @@ def _live_latency(config: Config, entities: int, steps: int, rate: float) -> dic
         ),
     )
     lk = live.kafka
-    ensure_topics(lk.bootstrap, [lk.input_topic, lk.output_topic, lk.dlq], lk.partitions)
-    store = RedisStore(live.redis.url, live.namespace)
+    ensure_topics(
+        lk.bootstrap, [lk.input_topic, lk.output_topic, lk.dlq], lk.partitions, client_kwargs(lk)
+    )
+    store = RedisStore.from_config(live.redis, live.namespace)
     engine = Engine(live, store, KafkaIO(lk), progress_every_s=3600)
     started = threading.Event()
     original = engine._on_assigned
@@ -228,7 +230,12 @@ def run(
             redis=RedisConfig(url=redis_url),
             checkpoint=CheckpointConfig(every_steps=50, every_seconds=5.0),
         )
-        ensure_topics(bootstrap, [topic, config.kafka.output_topic, config.kafka.dlq], partitions)
+        ensure_topics(
+            bootstrap,
+            [topic, config.kafka.output_topic, config.kafka.dlq],
+            partitions,
+            client_kwargs(config.kafka),
+        )
         n = entities * steps
         t0 = time.perf_counter()
         produce_synthetic(config, entities=entities, steps=steps, seed=seed, bootstrap=bootstrap)

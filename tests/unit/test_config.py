@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 
 from streamer.config import (
     DEFAULT_ENTITY_PATTERN,
@@ -39,6 +40,9 @@ from streamer.config import (
     StreamConfig,
 )
 from streamer.errors import ConfigError, StreamerError
+from streamer.kafka_io import client_kwargs
+from streamer.state.redis_conn import safe_url
+from streamer.state.redis_store import _safe_url
 
 NO_ENV: dict[str, str] = {}
 
@@ -438,8 +442,6 @@ def test_invalid_file_value_names_its_field(tmp_path: Path, text: str, field: st
 
 
 INVALID_ENV = [
-    ({"STREAMER_BOGUS_X": "1"}, "STREAMER_BOGUS_X"),
-    ({"STREAMER_HORIZON": "1"}, "STREAMER_HORIZON"),
     ({"STREAMER_MODEL_HORIZN": "2"}, "model.horizn"),
     ({"STREAMER_MODEL_": "2"}, "model."),
     ({"STREAMER_MODEL_HORIZON": "two"}, "model.horizon"),
@@ -695,3 +697,379 @@ def test_every_field_can_be_set_from_the_environment(config: Config) -> None:
     }
 
     assert Config.load(None, env=env) == config
+
+
+# --- variables of no section (Kubernetes service links) --------------------------------------
+
+SERVICE_LINKS = {
+    # What Kubernetes injects for a Service named "streamer" with an "http" port 8000.
+    "STREAMER_SERVICE_HOST": "10.0.0.12",
+    "STREAMER_SERVICE_PORT": "8000",
+    "STREAMER_SERVICE_PORT_HTTP": "8000",
+    "STREAMER_PORT": "tcp://10.0.0.12:8000",
+    "STREAMER_PORT_8000_TCP": "tcp://10.0.0.12:8000",
+    "STREAMER_PORT_8000_TCP_PROTO": "tcp",
+    "STREAMER_PORT_8000_TCP_PORT": "8000",
+    "STREAMER_PORT_8000_TCP_ADDR": "10.0.0.12",
+    "STREAMER_BOGUS_X": "1",
+    "STREAMER_HORIZON": "1",
+    "STREAMER_STREAMS_X": "1",  # "stream" only counts followed by "_"
+    "STREAMER_": "x",
+}
+
+
+def test_variables_that_name_no_section_are_ignored() -> None:
+    config = Config.load(None, env={**SERVICE_LINKS, "STREAMER_MODEL_HORIZON": "3"})
+
+    assert config == Config(model=ModelConfig(horizon=3))
+    assert config.http.port == 8000
+
+
+@pytest.mark.parametrize("name", sorted(SERVICE_LINKS))
+def test_each_service_link_variable_alone_loads_the_defaults(name: str) -> None:
+    assert Config.load(None, env={name: SERVICE_LINKS[name]}) == Config()
+
+
+@pytest.mark.parametrize(
+    ("name", "field"),
+    [
+        ("STREAMER_KAFKA_BOOTSTRAPP", "kafka.bootstrapp"),
+        ("STREAMER_REDIS_PASSWORD_FIL", "redis.password_fil"),
+        ("STREAMER_HTTP_PORTS", "http.ports"),
+        ("STREAMER_STREAM_PORT", "stream.port"),
+    ],
+)
+def test_a_typo_inside_a_known_section_is_still_an_error(name: str, field: str) -> None:
+    with raises_config_error(field):
+        Config.load(None, env={**SERVICE_LINKS, name: "x"})
+
+
+# --- secured connections ---------------------------------------------------------------------
+
+SECRET = "S3cr@t:pw/#%"
+
+
+def sasl(**kw: Any) -> KafkaConfig:
+    fields = {"security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512"}
+    fields.update({"sasl_username": "alice", **kw})
+    return KafkaConfig(**fields)
+
+
+def test_security_defaults_are_plaintext_without_credentials() -> None:
+    k, r = KafkaConfig(), RedisConfig()
+
+    assert (k.security_protocol, k.sasl_mechanism, k.ssl_check_hostname) == ("PLAINTEXT", "", True)
+    assert (r.username, r.password_value, r.tls, r.tls_check_hostname) == ("", "", False, True)
+    assert r.timeout_s == 5.0
+
+
+def test_secured_settings_load_from_toml_and_environment(tmp_path: Path) -> None:
+    path = write_toml(
+        tmp_path,
+        """
+        [kafka]
+        security_protocol = "SASL_SSL"
+        sasl_mechanism = "SCRAM-SHA-256"
+        sasl_username = "alice"
+        ssl_cafile = "/etc/ca.pem"
+        ssl_check_hostname = false
+
+        [redis]
+        username = "bob"
+        tls = true
+        tls_ca_file = "/etc/redis-ca.pem"
+        timeout_s = 2.5
+        """,
+    )
+    env = {"STREAMER_KAFKA_SASL_PASSWORD": SECRET, "STREAMER_REDIS_PASSWORD": "pw2"}
+
+    config = Config.load(path, env=env)
+
+    assert config.kafka.sasl_password_value == SECRET
+    assert config.kafka.ssl_check_hostname is False
+    assert config.redis.password_value == "pw2"
+    assert (config.redis.username, config.redis.tls, config.redis.timeout_s) == ("bob", True, 2.5)
+
+
+@pytest.mark.parametrize("content", [SECRET, SECRET + "\n", SECRET + "\r\n"])
+def test_a_secret_is_read_from_its_file_without_the_trailing_newline(
+    tmp_path: Path, content: str
+) -> None:
+    secret_file = tmp_path / "secret"
+    secret_file.write_bytes(content.encode())
+    env = {
+        "STREAMER_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+        "STREAMER_KAFKA_SASL_MECHANISM": "PLAIN",
+        "STREAMER_KAFKA_SASL_USERNAME": "alice",
+        "STREAMER_KAFKA_SASL_PASSWORD_FILE": str(secret_file),
+        "STREAMER_REDIS_PASSWORD_FILE": str(secret_file),
+    }
+
+    config = Config.load(None, env=env)
+
+    assert config.kafka.sasl_password_value == SECRET
+    assert config.redis.password_value == SECRET
+    assert config.kafka.sasl_password == "" and config.redis.password == ""
+
+
+def test_the_ssl_key_password_is_read_from_its_file(tmp_path: Path) -> None:
+    secret_file = tmp_path / "key-password"
+    secret_file.write_text(SECRET + "\n")
+
+    k = KafkaConfig(security_protocol="SSL", ssl_password_file=str(secret_file))
+
+    assert k.ssl_password_value == SECRET
+
+
+@pytest.mark.parametrize(
+    ("make", "field"),
+    [
+        (lambda f: sasl(sasl_password=SECRET, sasl_password_file=f), "kafka.sasl_password"),
+        (
+            lambda f: KafkaConfig(
+                security_protocol="SSL", ssl_password=SECRET, ssl_password_file=f
+            ),
+            "kafka.ssl_password",
+        ),
+        (lambda f: RedisConfig(password=SECRET, password_file=f), "redis.password"),
+    ],
+    ids=["sasl", "ssl", "redis"],
+)
+def test_a_secret_and_its_file_together_is_an_error(tmp_path: Path, make: Any, field: str) -> None:
+    secret_file = tmp_path / "secret"
+    secret_file.write_text(SECRET)
+
+    with raises_config_error(field) as info:
+        make(str(secret_file))
+    assert "not both" in str(info.value)
+    assert SECRET not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("make", "field"),
+    [
+        (lambda f: sasl(sasl_password_file=f), "kafka.sasl_password_file"),
+        (
+            lambda f: KafkaConfig(security_protocol="SSL", ssl_password_file=f),
+            "kafka.ssl_password_file",
+        ),
+        (lambda f: RedisConfig(password_file=f), "redis.password_file"),
+    ],
+    ids=["sasl", "ssl", "redis"],
+)
+def test_a_missing_secret_file_is_an_error_naming_field_and_path(
+    tmp_path: Path, make: Any, field: str
+) -> None:
+    missing = tmp_path / "no-such-secret"
+
+    with raises_config_error(field) as info:
+        make(str(missing))
+    assert str(missing) in str(info.value)
+
+
+def test_unreadable_empty_and_binary_secret_files_are_errors_without_the_secret(
+    tmp_path: Path,
+) -> None:
+    directory = tmp_path / "a-directory"
+    directory.mkdir()
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    binary = tmp_path / "binary"
+    binary.write_bytes(b"S3cr\xff\xfet")
+
+    for path in (directory, empty, binary):
+        with raises_config_error("redis.password_file") as info:
+            RedisConfig(password_file=str(path))
+        assert str(path) in str(info.value)
+        assert "S3cr" not in str(info.value)
+
+
+def test_a_file_secret_loaded_from_the_environment_fails_at_load(tmp_path: Path) -> None:
+    env = {"STREAMER_REDIS_PASSWORD_FILE": str(tmp_path / "gone")}
+
+    with raises_config_error("redis.password_file"):
+        Config.load(None, env=env)
+
+
+@pytest.mark.parametrize("protocol", ["SASL_PLAINTEXT", "SASL_SSL"])
+def test_sasl_without_a_mechanism_is_an_error(protocol: str) -> None:
+    env = {
+        "STREAMER_KAFKA_SECURITY_PROTOCOL": protocol,
+        "STREAMER_KAFKA_SASL_USERNAME": "alice",
+        "STREAMER_KAFKA_SASL_PASSWORD": SECRET,
+    }
+
+    with raises_config_error("kafka.sasl_mechanism") as info:
+        Config.load(None, env=env)
+    assert protocol in str(info.value) and "SCRAM-SHA-256" in str(info.value)
+    assert SECRET not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"security_protocol": "TLS"}, "kafka.security_protocol"),
+        ({"security_protocol": "SASL_SSL", "sasl_mechanism": "GSSAPI"}, "kafka.sasl_mechanism"),
+        (
+            {"security_protocol": "SASL_SSL", "sasl_mechanism": "PLAIN", "sasl_password": SECRET},
+            "kafka.sasl_username",
+        ),
+        (
+            {"security_protocol": "SASL_SSL", "sasl_mechanism": "PLAIN", "sasl_username": "a"},
+            "kafka.sasl_password",
+        ),
+        ({"sasl_mechanism": "PLAIN"}, "kafka.sasl_mechanism"),
+        ({"sasl_password": SECRET}, "kafka.sasl_password"),
+        ({"security_protocol": "SASL_PLAINTEXT", "sasl_mechanism": "PLAIN",
+          "sasl_username": "a", "sasl_password": SECRET, "ssl_cafile": "/ca.pem"},
+         "kafka.ssl_cafile"),
+        ({"ssl_certfile": "/c.pem"}, "kafka.ssl_certfile"),
+    ],
+)  # fmt: skip
+def test_inconsistent_kafka_security_is_an_error(kwargs: dict[str, Any], field: str) -> None:
+    with raises_config_error(field) as info:
+        KafkaConfig(**kwargs)
+    assert SECRET not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"tls_ca_file": "/ca.pem"}, "redis.tls_ca_file"),
+        ({"tls_cert_file": "/c.pem"}, "redis.tls_cert_file"),
+        ({"url": "unix:///tmp/redis.sock", "tls": True}, "redis.tls"),
+        ({"timeout_s": 0.0}, "redis.timeout_s"),
+    ],
+)
+def test_inconsistent_redis_settings_are_errors(kwargs: dict[str, Any], field: str) -> None:
+    with raises_config_error(field):
+        RedisConfig(**kwargs)
+
+
+def test_a_rediss_url_turns_tls_on() -> None:
+    r = RedisConfig(url="rediss://h:6380/0", tls_ca_file="/ca.pem")
+
+    assert r.uses_tls and not r.tls
+
+
+def secured_config(tmp_path: Path) -> Config:
+    key_password = tmp_path / "key-password"
+    key_password.write_text(SECRET + "-key\n")
+    return Config(
+        kafka=sasl(sasl_password=SECRET, ssl_password_file=str(key_password)),
+        redis=RedisConfig(
+            url=f"redis://bob:{SECRET}-url@h:6379/0",
+            username="bob",
+            password=SECRET + "-redis",
+        ),
+    )
+
+
+def test_to_dict_shows_set_secrets_as_stars(tmp_path: Path) -> None:
+    config = secured_config(tmp_path)
+
+    data = config.to_dict()
+
+    assert data["kafka"]["sasl_password"] == "***"
+    assert data["kafka"]["ssl_password"] == ""  # unset (it is in the file)
+    assert data["kafka"]["ssl_password_file"] == str(tmp_path / "key-password")
+    assert data["redis"]["password"] == "***"
+    assert data["redis"]["url"] == "redis://***@h:6379/0"
+    assert data["redis"]["username"] == "bob"
+    assert "S3cr" not in json.dumps(data)
+
+
+def test_reprs_show_no_secret(tmp_path: Path) -> None:
+    config = secured_config(tmp_path)
+
+    for text in (repr(config), str(config), repr(config.kafka), repr(config.redis)):
+        assert "S3cr" not in text
+    assert "sasl_username='alice'" in repr(config.kafka)
+    assert "url='redis://***@h:6379/0'" in repr(config.redis)
+    assert "username='bob'" in repr(config.redis)
+
+
+def test_client_kwargs_of_a_plaintext_config() -> None:
+    assert client_kwargs(KafkaConfig()) == {"security_protocol": "PLAINTEXT"}
+
+
+def test_client_kwargs_maps_sasl_ssl_to_kafka_python_names(tmp_path: Path) -> None:
+    password_file = tmp_path / "sasl"
+    password_file.write_text(SECRET + "\n")
+    k = KafkaConfig(
+        security_protocol="SASL_SSL",
+        sasl_mechanism="SCRAM-SHA-256",
+        sasl_username="alice",
+        sasl_password_file=str(password_file),
+        ssl_cafile="/ca.pem",
+        ssl_certfile="/cert.pem",
+        ssl_keyfile="/key.pem",
+        ssl_password="kp",
+        ssl_check_hostname=False,
+    )
+
+    assert client_kwargs(k) == {
+        "security_protocol": "SASL_SSL",
+        "sasl_mechanism": "SCRAM-SHA-256",
+        "sasl_plain_username": "alice",
+        "sasl_plain_password": SECRET,
+        "ssl_cafile": "/ca.pem",
+        "ssl_certfile": "/cert.pem",
+        "ssl_keyfile": "/key.pem",
+        "ssl_password": "kp",
+        "ssl_check_hostname": False,
+    }
+
+
+def test_client_kwargs_passes_only_what_is_set() -> None:
+    plain_sasl = KafkaConfig(
+        security_protocol="SASL_PLAINTEXT",
+        sasl_mechanism="PLAIN",
+        sasl_username="alice",
+        sasl_password=SECRET,
+    )
+    ssl_only = KafkaConfig(security_protocol="SSL", ssl_cafile="/ca.pem")
+
+    assert client_kwargs(plain_sasl) == {
+        "security_protocol": "SASL_PLAINTEXT",
+        "sasl_mechanism": "PLAIN",
+        "sasl_plain_username": "alice",
+        "sasl_plain_password": SECRET,
+    }
+    assert client_kwargs(ssl_only) == {
+        "security_protocol": "SSL",
+        "ssl_cafile": "/ca.pem",
+        "ssl_check_hostname": True,
+    }
+
+
+def test_client_kwargs_are_accepted_by_every_kafka_python_client() -> None:
+    k = sasl(sasl_password=SECRET, ssl_cafile="/ca.pem", ssl_password="kp")
+
+    for cls in (KafkaConsumer, KafkaProducer, KafkaAdminClient):
+        assert set(client_kwargs(k)) <= set(cls.DEFAULT_CONFIG), cls.__name__
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"redis://:{SECRET}@db.example:6379/0",
+        f"redis://alice:{SECRET}@db.example:6379/0",
+        f"rediss://alice:{SECRET}@db.example:6379/0",
+        "redis://alice:S3cr@t:pw@db.example:6379/0",
+        "redis://alice:S3cr%40t%3Apw@db.example:6379/0",
+    ],
+)
+def test_safe_url_drops_user_and_every_part_of_the_password(url: str) -> None:
+    shown = safe_url(url)
+
+    assert shown.endswith("://***@db.example:6379/0")
+    for part in ("S3cr", "t:pw", "pw", "alice", "%40"):
+        assert part not in shown
+    assert _safe_url(url) == shown  # RedisStore's messages use the same
+
+
+def test_safe_url_masks_query_credentials_and_keeps_plain_urls() -> None:
+    assert safe_url("redis://h:1/0?password=S3cr&db=2") == "redis://h:1/0?password=***&db=2"
+    assert safe_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+    assert safe_url("unix:///run/redis.sock?db=1") == "unix:///run/redis.sock?db=1"

@@ -233,6 +233,9 @@ def test_deployment_runs_replicas_with_probes_and_resources(k8s):
     pod = spec["template"]
     assert spec["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
     assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    # Service links would inject STREAMER_SERVICE_HOST, STREAMER_PORT, ... into the config's
+    # environment namespace.
+    assert pod["spec"]["enableServiceLinks"] is False
     (container,) = pod["spec"]["containers"]
     assert pinned(container["image"])
     port = {p["name"]: p["containerPort"] for p in container["ports"]}["http"]
