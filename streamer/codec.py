@@ -43,9 +43,41 @@ def decode_event(value: bytes | None, encoding: str, max_bytes: int) -> Any:
     if encoding == "binary":
         return _decode_binary(value)
     try:
-        return json.loads(value)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise EventError(Reason.UNDECODABLE, f"message is not JSON: {exc}") from None
+        # Strict UTF-8 (RFC 8259): json.loads(bytes) would also take UTF-16/32, with or
+        # without a BOM, and lone surrogates; none of it is the contract.
+        return _JSON.decode(value.decode("utf-8"))
+    except _DuplicateField as exc:
+        raise EventError(
+            Reason.DUPLICATE_FIELD, f"message repeats the field name {exc.name!r}"
+        ) from None
+    except (ValueError, RecursionError) as exc:
+        # ValueError: UnicodeDecodeError, JSONDecodeError, and an integer literal longer than
+        # sys.get_int_max_str_digits() (4300 digits fit in a message; int() refuses them).
+        raise EventError(Reason.UNDECODABLE, f"message is not UTF-8 JSON: {exc}") from None
+
+
+class _DuplicateField(Exception):
+    def __init__(self, name: str) -> None:
+        self.name = name if len(name) <= 64 else name[:61] + "..."
+        super().__init__(name)
+
+
+def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json.loads keeps the last of two equal names; an event that repeats one (at any depth,
+    e.g. two "entity" fields naming two entities) is ambiguous and refused instead."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for name, _ in pairs:
+            if name in seen:
+                raise _DuplicateField(name)
+            seen.add(name)
+    return out
+
+
+# Built once: json.loads(..., object_pairs_hook=...) builds a decoder per call, which costs
+# more than the hook (a typical event: 2.5 us here vs 4.1 us that way, 2.7 us before the hook).
+_JSON = json.JSONDecoder(object_pairs_hook=_unique_object)
 
 
 def encode_event(

@@ -3,13 +3,26 @@
 Precedence: built-in defaults < the TOML file < environment variables. An environment
 variable `STREAMER_<SECTION>_<KEY>` overrides `[section] key`, for example
 `STREAMER_MODEL_HORIZON=3` or `STREAMER_STREAM_FEATURES=price,volume`. Lists are
-comma-separated in the environment. An unknown section or key is an error, never
-silently ignored: a typo in a production config must not fall back to a default.
+comma-separated in the environment. An unknown key is an error, never silently ignored: a
+typo in a production config must not fall back to a default. That holds for every TOML
+table and for every `STREAMER_<SECTION>_*` variable of a known section (for example
+`STREAMER_KAFKA_BOOTSTRAPP`). A `STREAMER_*` variable that names no known section is
+ignored (logged at debug level, without its value): Kubernetes injects
+`STREAMER_SERVICE_HOST`, `STREAMER_PORT`, `STREAMER_PORT_8000_TCP_ADDR`, ... into pods
+beside a Service named "streamer" (`enableServiceLinks: false` in the pod spec turns that
+off, and is still advised: a Service named "streamer-kafka" would inject
+`STREAMER_KAFKA_PORT`, which is a typo in a known section).
+
+Secrets (`kafka.sasl_password`, `kafka.ssl_password`, `redis.password`) can also be read from
+a file, `<name>_file` (a mounted Kubernetes Secret): the file's content without its trailing
+newline. Setting both is an error. Secrets never appear in `to_dict()`, in reprs or in error
+messages; a Redis URL's credentials neither.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import re
@@ -23,7 +36,11 @@ from typing import Any, Literal, get_args, get_origin
 
 from .errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 ENV_PREFIX = "STREAMER_"
+# What to_dict() shows instead of a secret that is set.
+REDACTED = "***"
 
 DEFAULT_FEATURES = ("price", "signal")
 DEFAULT_TARGET = "price"
@@ -33,6 +50,7 @@ DEFAULT_ENTITY_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._:/\-]{0,127}"
 DEFAULT_MIN_EVENT_TIME = 946_684_800.0
 DEFAULT_MAX_FUTURE_S = 86_400.0
 DEFAULT_MAX_STEP_JUMP = 10_000
+DEFAULT_MAX_ABS_VALUE = 1e15
 DEFAULT_UNITS = (64,)
 DEFAULT_HORIZON = 1
 DEFAULT_INITIAL_CAPACITY = 64
@@ -69,6 +87,11 @@ class StreamConfig:
     # of recorded data with a skewed clock).
     max_future: float = DEFAULT_MAX_FUTURE_S
     max_step_jump: int = DEFAULT_MAX_STEP_JUMP
+    # Largest |value| a feature may have. The engine computes in float32 (max ~3.4e38): the
+    # target transform (x - prev) and the Welford normalisation (x - mean, delta * delta)
+    # overflow to inf for inputs far below that limit, e.g. 1e20 squared, and an inf would
+    # poison the row's state for good. 1e15 leaves room for delta * delta with margin.
+    max_abs_value: float = DEFAULT_MAX_ABS_VALUE
 
     def __post_init__(self) -> None:
         if not self.features:
@@ -87,6 +110,9 @@ class StreamConfig:
         _positive("stream.idle_partition_timeout", self.idle_partition_timeout)
         _non_negative("stream.max_future", self.max_future)
         _positive("stream.max_step_jump", self.max_step_jump)
+        if not math.isfinite(self.max_abs_value):
+            raise ConfigError("stream.max_abs_value", f"must be finite, got {self.max_abs_value}")
+        _positive("stream.max_abs_value", self.max_abs_value)
         try:
             re.compile(self.entity_pattern)
         except re.error as exc:
@@ -160,6 +186,8 @@ DEFAULT_GROUP = "streamer"
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024
 
 Encoding = Literal["json", "binary"]
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 
 
 @dataclass(frozen=True)
@@ -181,11 +209,65 @@ class KafkaConfig:
     max_poll_interval_ms: int = 60_000
     max_poll_records: int = 5_000
     poll_timeout_ms: int = 100
+    # Secured brokers (kafka_io.client_kwargs maps these to kafka-python's arguments).
+    security_protocol: SecurityProtocol = "PLAINTEXT"
+    # Required with SASL_PLAINTEXT and SASL_SSL.
+    sasl_mechanism: SaslMechanism = ""
+    sasl_username: str = ""
+    sasl_password: str = field(default="", repr=False)
+    sasl_password_file: str = ""
+    # PEM files; an empty ssl_cafile means the system's CA certificates.
+    ssl_cafile: str = ""
+    ssl_certfile: str = ""
+    ssl_keyfile: str = ""
+    # Password of ssl_keyfile.
+    ssl_password: str = field(default="", repr=False)
+    ssl_password_file: str = ""
+    ssl_check_hostname: bool = True
 
     def __post_init__(self) -> None:
         for name in ("input_topic", "output_topic", "group", "bootstrap"):
             if not getattr(self, name):
                 raise ConfigError(f"kafka.{name}", "must not be empty")
+        _check_choice("kafka.security_protocol", self.security_protocol, SecurityProtocol)
+        _check_choice("kafka.sasl_mechanism", self.sasl_mechanism, SaslMechanism)
+        protocol = self.security_protocol
+        sasl_password = self.sasl_password_value  # validates the secret and its file
+        _ = self.ssl_password_value  # the same
+        if self.uses_sasl:
+            if not self.sasl_mechanism:
+                raise ConfigError(
+                    "kafka.sasl_mechanism",
+                    f"required when kafka.security_protocol is {protocol} "
+                    f"(one of {[m for m in get_args(SaslMechanism) if m]})",
+                )
+            if not self.sasl_username:
+                raise ConfigError("kafka.sasl_username", f"required with {protocol}")
+            if not sasl_password:
+                raise ConfigError(
+                    "kafka.sasl_password",
+                    f"required with {protocol} (or kafka.sasl_password_file)",
+                )
+        else:
+            for name in ("sasl_mechanism", "sasl_username", "sasl_password", "sasl_password_file"):
+                if getattr(self, name):
+                    raise ConfigError(
+                        f"kafka.{name}",
+                        f"is set but kafka.security_protocol is {protocol}, which uses no SASL",
+                    )
+        if not self.uses_ssl:
+            for name in (
+                "ssl_cafile",
+                "ssl_certfile",
+                "ssl_keyfile",
+                "ssl_password",
+                "ssl_password_file",
+            ):
+                if getattr(self, name):
+                    raise ConfigError(
+                        f"kafka.{name}",
+                        f"is set but kafka.security_protocol is {protocol}, which uses no TLS",
+                    )
         for name in (
             "partitions",
             "max_message_bytes",
@@ -200,12 +282,75 @@ class KafkaConfig:
     def dlq(self) -> str:
         return self.dlq_topic or f"{self.input_topic}.dlq"
 
+    @property
+    def uses_sasl(self) -> bool:
+        return self.security_protocol in ("SASL_PLAINTEXT", "SASL_SSL")
+
+    @property
+    def uses_ssl(self) -> bool:
+        return self.security_protocol in ("SSL", "SASL_SSL")
+
+    @property
+    def sasl_password_value(self) -> str:
+        """sasl_password, or the content of sasl_password_file (read now)."""
+        return _secret("kafka.sasl_password", self.sasl_password, self.sasl_password_file)
+
+    @property
+    def ssl_password_value(self) -> str:
+        """ssl_password, or the content of ssl_password_file (read now)."""
+        return _secret("kafka.ssl_password", self.ssl_password, self.ssl_password_file)
+
 
 @dataclass(frozen=True)
 class RedisConfig:
+    """Where states live. The URL may carry credentials; username and password win."""
+
     url: str = DEFAULT_REDIS_URL
     # Key namespace; empty: the consumer group name.
     namespace: str = ""
+    # ACL user (Redis 6+); empty: "default" (or the URL's user).
+    username: str = ""
+    password: str = field(default="", repr=False)
+    password_file: str = ""
+    # TLS; a rediss:// URL turns it on as well. An empty tls_ca_file means the system's CAs.
+    tls: bool = False
+    tls_ca_file: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_check_hostname: bool = True
+    # Socket connect and read timeout.
+    timeout_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        _positive("redis.timeout_s", self.timeout_s)
+        _ = self.password_value  # validates the secret and its file
+        if self.url.startswith("unix://") and self.tls:
+            raise ConfigError("redis.tls", "TLS does not apply to a unix:// socket URL")
+        if not self.uses_tls:
+            for name in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
+                if getattr(self, name):
+                    raise ConfigError(
+                        f"redis.{name}",
+                        "is set but TLS is off (set redis.tls = true or use a rediss:// URL)",
+                    )
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.tls or self.url.startswith("rediss://")
+
+    @property
+    def password_value(self) -> str:
+        """password, or the content of password_file (read now); '' when neither is set."""
+        return _secret("redis.password", self.password, self.password_file)
+
+    def __repr__(self) -> str:
+        # The generated repr, with the URL's credentials removed (password has repr=False).
+        parts = []
+        for f in dataclasses.fields(self):
+            if f.repr:
+                value = redact_url(self.url) if f.name == "url" else getattr(self, f.name)
+                parts.append(f"{f.name}={value!r}")
+        return f"{type(self).__name__}({', '.join(parts)})"
 
 
 @dataclass(frozen=True)
@@ -214,10 +359,15 @@ class CheckpointConfig:
 
     every_steps: int = 50
     every_seconds: float = 5.0
+    # While the store is unreachable the engine keeps applying steps until this many are not
+    # checkpointed (what a crash then makes it replay), then pauses its partitions (still
+    # polling, so it keeps its group membership) until a checkpoint succeeds.
+    max_pending_steps: int = 2_000
 
     def __post_init__(self) -> None:
         _positive("checkpoint.every_steps", self.every_steps)
         _positive("checkpoint.every_seconds", self.every_seconds)
+        _positive("checkpoint.max_pending_steps", self.max_pending_steps)
 
 
 LossName = Literal["mse", "huber"]
@@ -315,7 +465,12 @@ class Config:
         env = os.environ if env is None else env
         for name, raw in env.items():
             if name.startswith(ENV_PREFIX):
-                section, key = _split_env_name(name)
+                split = _split_env_name(name)
+                if split is None:
+                    # Not ours (Kubernetes service links: STREAMER_SERVICE_HOST, STREAMER_PORT).
+                    log.debug("ignoring %s: it names no config section", name)
+                    continue
+                section, key = split
                 table = data.setdefault(section, {})
                 if not isinstance(table, dict):
                     raise ConfigError(section, "must be a table")
@@ -336,6 +491,8 @@ class Config:
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Plain data (lists, no tuples); a secret that is set shows as "***", a Redis URL
+        without its credentials. Without secrets, `from_dict(to_dict())` gives it back."""
         out: dict[str, dict[str, Any]] = {}
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)
@@ -343,7 +500,15 @@ class Config:
                 k: list(v) if isinstance(v, tuple) else v
                 for k, v in dataclasses.asdict(section).items()
             }
+        for section, key in SECRET_FIELDS:
+            if out[section][key]:
+                out[section][key] = REDACTED
+        out["redis"]["url"] = redact_url(out["redis"]["url"])
         return out
+
+
+# (section, key) of every secret: never shown by to_dict(), never in a repr.
+SECRET_FIELDS = (("kafka", "sasl_password"), ("kafka", "ssl_password"), ("redis", "password"))
 
 
 def _section_types() -> dict[str, type]:
@@ -351,14 +516,17 @@ def _section_types() -> dict[str, type]:
     return {name: hints[name] for name in (f.name for f in dataclasses.fields(Config))}
 
 
-def _split_env_name(name: str) -> tuple[str, str]:
+def _split_env_name(name: str) -> tuple[str, str] | None:
+    """("kafka", "bootstrap") for STREAMER_KAFKA_BOOTSTRAP; None when no section is named.
+
+    A section counts only when followed by "_": STREAMER_PORT or STREAMER_STREAMS_X name
+    none, STREAMER_KAFKA_BOOTSTRAPP names kafka (and its unknown key is an error later).
+    """
     rest = name[len(ENV_PREFIX) :].lower()
     for section in _section_types():
         if rest.startswith(section + "_"):
             return section, rest[len(section) + 1 :]
-    raise ConfigError(
-        name, f"environment variable names no known section (known: {sorted(_section_types())})"
-    )
+    return None
 
 
 def _build_section(section: str, section_cls: type, values: Mapping[str, Any]) -> Any:
@@ -430,6 +598,48 @@ def _coerce(name: str, tp: Any, raw: Any) -> Any:
             raise ConfigError(name, f"expected a string, got {raw!r}")
         return raw
     raise ConfigError(name, f"unsupported type {tp}")  # pragma: no cover
+
+
+def redact_url(url: str) -> str:
+    """`url` without user and password, for messages, logs and to_dict().
+
+    Everything up to the LAST "@" is credentials (a raw "@", ":" or "/" in a password must
+    not leak any part of it): "redis://user:p@ss@host:6379/0" -> "redis://***@host:6379/0".
+    `password=` / `username=` query parameters are masked as well.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    if "@" in rest:
+        rest = "***@" + rest.rsplit("@", 1)[1]
+    rest = re.sub(r"(?i)([?&](?:password|username|user)=)[^&#]*", r"\1***", rest)
+    return f"{scheme}{sep}{rest}"
+
+
+def _secret(name: str, value: str, path: str) -> str:
+    """The secret `name`: `value`, or the content of the file `path` without its trailing
+    newline. Errors name the field and the path, never the secret."""
+    if value and path:
+        raise ConfigError(name, f"set either {name} or {name}_file, not both")
+    if not path:
+        return value
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(f"{name}_file", f"cannot read {path}: {reason}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{name}_file", f"{path} is not UTF-8 text") from None
+    secret = text.rstrip("\r\n")
+    if not secret:
+        raise ConfigError(f"{name}_file", f"{path} is empty")
+    return secret
+
+
+def _check_choice(name: str, value: Any, tp: Any) -> None:
+    choices = get_args(tp)
+    if value not in choices:
+        raise ConfigError(name, f"{value!r} is not one of {list(choices)}")
 
 
 def _positive(name: str, value: float) -> None:

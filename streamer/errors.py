@@ -9,7 +9,8 @@ as they need::
     ├── CapacityError    no slot is left for a new entity
     ├── ModelError       shapes or weights do not fit the configured model
     ├── StateError       a stored state or checkpoint is invalid or cannot be read/written
-    │   └── FencedError  this engine no longer owns a partition it tried to write
+    │   ├── FencedError  this engine no longer owns a partition it tried to write
+    │   └── StoreLostError  the store lost what this engine last wrote (restarted empty)
     ├── KafkaError       the broker cannot be reached or refused an operation
     └── ServiceError     an embedded service (Kafka broker, Redis) cannot be found, started
                          or reached (names the service, quotes the end of its log)
@@ -52,8 +53,18 @@ class Reason(StrEnum):
     TS_IN_FUTURE = "ts_in_future"
     TS_TOO_FAR_AHEAD = "ts_too_far_ahead"
     NON_POSITIVE_TARGET = "non_positive_target"
+    # A JSON object repeats a field name (json.loads would silently keep the last one).
+    DUPLICATE_FIELD = "duplicate_field"
+    # A value the engine's float32 arithmetic cannot carry (|x| beyond stream.max_abs_value,
+    # or a log_return target that is not a positive normal float32).
+    OUT_OF_RANGE = "out_of_range"
+    # The Kafka message key is missing or is not the UTF-8 entity id of its value.
+    KEY_MISMATCH = "key_mismatch"
     CAPACITY = "capacity"
     LATE = "late"
+    # The step would have made this entity's state or forecast non-finite: the row kept its
+    # old state and the event was refused.
+    NON_FINITE_STATE = "non_finite_state"
 
 
 class EventError(StreamerError):
@@ -111,6 +122,17 @@ class FencedError(StateError):
             f'partition {partition} of "{topic}" is owned by generation {current}, '
             f"this engine holds {token}: it was revoked, its write is refused"
         )
+
+
+class StoreLostError(StateError):
+    """The store no longer holds what this engine last wrote to a partition: it was restarted
+    without its data, or lost its last writes. Checkpoints are refused until the engine
+    re-seeds the store from its memory (see the recovery policy in the README)."""
+
+    def __init__(self, topic: str, partition: int, detail: str) -> None:
+        self.topic = topic
+        self.partition = partition
+        super().__init__(f'the store lost partition {partition} of "{topic}": {detail}')
 
 
 class KafkaError(StreamerError):

@@ -26,6 +26,9 @@ from .errors import EventError, Reason
 
 FIELDS = frozenset({"entity", "ts", "values"})
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+# Smallest positive normal float32: a log_return target below it is 0 or a subnormal in
+# float32 (log() of it is -inf or loses all precision).
+_FLOAT32_TINY = np.float32(np.finfo(np.float32).tiny)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +63,7 @@ class EventParser:
         self._min_ts = config.min_event_time
         self._max_future = config.max_future
         self._clock = clock
+        self._max_abs = config.max_abs_value
         self._positive_index = (
             config.target_index if config.target_transform == "log_return" else None
         )
@@ -170,15 +174,31 @@ class EventParser:
                     f'entity "{entity}": feature "{name}" is {item!r} (not a finite float32)',
                     entity,
                 )
+            if abs(value) > self._max_abs:
+                raise EventError(
+                    Reason.OUT_OF_RANGE,
+                    f'entity "{entity}": feature "{name}" is {item!r}, beyond '
+                    f"stream.max_abs_value {self._max_abs:g}",
+                    entity,
+                )
             out.append(value)
-        if self._positive_index is not None and not out[self._positive_index] > 0:
+        if self._positive_index is not None:
+            target = out[self._positive_index]
             name = self._features[self._positive_index]
-            raise EventError(
-                Reason.NON_POSITIVE_TARGET,
-                f'entity "{entity}": target "{name}" is {out[self._positive_index]}, '
-                "log_return needs a positive value",
-                entity,
-            )
+            if not target > 0:
+                raise EventError(
+                    Reason.NON_POSITIVE_TARGET,
+                    f'entity "{entity}": target "{name}" is {target}, '
+                    "log_return needs a positive value",
+                    entity,
+                )
+            if not np.float32(target) >= _FLOAT32_TINY:
+                raise EventError(
+                    Reason.OUT_OF_RANGE,
+                    f'entity "{entity}": target "{name}" is {target!r}, below the smallest '
+                    f"normal float32 ({float(_FLOAT32_TINY):g}): log_return cannot take it",
+                    entity,
+                )
         return tuple(out)
 
 

@@ -33,7 +33,10 @@ class StepResult:
     target's transformed units (e.g. log-returns); `levels[j, k]` is the same forecast in the
     target's own units (e.g. a price). `valid[j]` is False while an entity warms up (its
     first event under a diff/log_return transform): its state did not move and its forecast
-    carries no information yet.
+    carries no information yet. `rejected[j]` is True when the step would have made the
+    entity's state or forecast non-finite: its state did not move (nor its last applied step),
+    it is not valid, its forecast is 0, and its event is to be dead-lettered (reason
+    non_finite_state).
     """
 
     step: int
@@ -43,6 +46,7 @@ class StepResult:
     forecasts: np.ndarray
     levels: np.ndarray
     valid: np.ndarray
+    rejected: np.ndarray
 
 
 class Forecaster:
@@ -115,8 +119,10 @@ class Forecaster:
         if self.learner is not None:
             self.learner.observe(out, shadow)
         rows = batch.slots
-        self.last_step[rows] = batch.step
-        self._dirty.update(rows.tolist())
+        rejected = out.rejected[rows]
+        moved = rows[~rejected]  # a rejected row's state did not move
+        self.last_step[moved] = batch.step
+        self._dirty.update(moved.tolist())
         forecasts = out.forecasts[rows]
         return StepResult(
             step=batch.step,
@@ -126,6 +132,7 @@ class Forecaster:
             forecasts=forecasts,
             levels=self._levels(x[rows, self._target], forecasts),
             valid=out.valid[rows],
+            rejected=rejected,
         )
 
     def reset_entity(self, entity: str) -> None:
@@ -164,9 +171,11 @@ class Forecaster:
         if self.learner is not None:
             self.learner.forget_rows(slots)
 
-    def idle_entities(self, older_than_steps: int) -> set[str]:
+    def idle_entities(self, older_than_steps: int, include_dirty: bool = False) -> set[str]:
         """Entities whose last applied step is more than `older_than_steps` behind the newest
-        closed step and that have nothing buffered (safe to evict after a checkpoint)."""
+        closed step and that have nothing buffered (safe to evict after a checkpoint; with
+        `include_dirty`, also those whose latest state is not stored yet: the checkpoint that
+        evicts them writes it)."""
         last_closed = self.aligner.last_closed_step
         if last_closed is None or older_than_steps <= 0:
             return set()
@@ -174,7 +183,8 @@ class Forecaster:
         pending = self.aligner.pending_entities()
         out = set()
         for entity, slot in self.registry.items():
-            if self.last_step[slot] < limit and entity not in pending and slot not in self._dirty:
+            clean = include_dirty or slot not in self._dirty
+            if self.last_step[slot] < limit and entity not in pending and clean:
                 out.add(entity)
         return out
 

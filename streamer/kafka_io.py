@@ -45,10 +45,39 @@ Assigned = Callable[[list[int]], Mapping[int, int | None]]
 Revoked = Callable[[list[int]], None]
 
 
-def ensure_topics(bootstrap: str, names: Iterable[str], partitions: int) -> None:
-    """Create the topics that do not exist yet (idempotent)."""
+def client_kwargs(config: KafkaConfig) -> dict[str, Any]:
+    """kafka-python arguments for the configured security (TLS, SASL); only what is set.
+
+    Every client streamer makes (consumer, producer, admin) takes them. The SASL and key
+    passwords are read here (from their `*_file` when so configured).
+    """
+    kwargs: dict[str, Any] = {"security_protocol": config.security_protocol}
+    if config.uses_sasl:
+        kwargs["sasl_mechanism"] = config.sasl_mechanism
+        kwargs["sasl_plain_username"] = config.sasl_username
+        kwargs["sasl_plain_password"] = config.sasl_password_value
+    if config.uses_ssl:
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            if getattr(config, name):
+                kwargs[name] = getattr(config, name)
+        ssl_password = config.ssl_password_value
+        if ssl_password:
+            kwargs["ssl_password"] = ssl_password
+        kwargs["ssl_check_hostname"] = config.ssl_check_hostname
+    return kwargs
+
+
+def ensure_topics(
+    bootstrap: str,
+    names: Iterable[str],
+    partitions: int,
+    security: Mapping[str, Any] | None = None,
+) -> None:
+    """Create the topics that do not exist yet (idempotent). `security`: client_kwargs()."""
     try:
-        admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="streamer-admin")
+        admin = KafkaAdminClient(
+            bootstrap_servers=bootstrap, client_id="streamer-admin", **(security or {})
+        )
     except kafka.errors.KafkaError as exc:
         raise KafkaError(f"cannot reach Kafka at {bootstrap}: {exc}") from exc
     try:
@@ -66,7 +95,10 @@ def ensure_topics(bootstrap: str, names: Iterable[str], partitions: int) -> None
         admin.close()
 
 
-def producer(bootstrap: str, **overrides: Any) -> KafkaProducer:
+def producer(
+    bootstrap: str, security: Mapping[str, Any] | None = None, **overrides: Any
+) -> KafkaProducer:
+    """A producer with streamer's defaults; `security`: client_kwargs(); `overrides` win."""
     kwargs: dict[str, Any] = {
         "bootstrap_servers": bootstrap,
         "acks": "all",
@@ -76,6 +108,7 @@ def producer(bootstrap: str, **overrides: Any) -> KafkaProducer:
         "retries": 5,
         "client_id": "streamer",
     }
+    kwargs.update(security or {})
     kwargs.update(overrides)
     try:
         return KafkaProducer(**kwargs)
@@ -102,11 +135,13 @@ class KafkaIO:
                 max_poll_records=config.max_poll_records,
                 fetch_max_bytes=32 * 1024 * 1024,
                 max_partition_fetch_bytes=8 * 1024 * 1024,
+                **client_kwargs(config),
             )
         except kafka.errors.KafkaError as exc:
             raise KafkaError(f"cannot reach Kafka at {config.bootstrap}: {exc}") from exc
-        self._producer = producer(config.bootstrap)
+        self._producer = producer(config.bootstrap, client_kwargs(config))
         self._assigned: set[int] = set()
+        self._paused: set[int] = set()
         # Output partition per entity, computed once with the producer's own partitioner
         # (murmur2 of the key, as Kafka's default): the same partition as keyed sends, without
         # hashing every message.
@@ -119,31 +154,40 @@ class KafkaIO:
         io = self
 
         class Listener(ConsumerRebalanceListener):
+            # An exception escaping a listener makes kafka-python fail the poll ("User
+            # rebalance callback throws an error"): the engine handles its own errors, and
+            # this last guard logs anything left instead of letting it through.
             def on_partitions_revoked(self, revoked: Any) -> None:
                 parts = sorted(tp.partition for tp in revoked if tp.topic == io._topic)
                 io._assigned.difference_update(parts)
-                on_revoked(parts)
+                io._paused.difference_update(parts)
+                try:
+                    on_revoked(parts)
+                except Exception:
+                    log.exception("revoking partitions %s failed", parts)
 
             def on_partitions_assigned(self, assigned: Any) -> None:
                 parts = sorted(tp.partition for tp in assigned if tp.topic == io._topic)
                 io._assigned.update(parts)
-                seeks = on_assigned(parts)
-                for p, pos in seeks.items():
-                    tp = TopicPartition(io._topic, p)
-                    if pos is None:
-                        io._consumer.seek_to_beginning(tp)
-                    else:
-                        io._consumer.seek(tp, pos)
+                try:
+                    seeks = on_assigned(parts)
+                    for p, pos in seeks.items():
+                        io.seek(p, pos)
+                except Exception:
+                    log.exception("assigning partitions %s failed; they stay paused", parts)
+                    io.pause(parts)
 
         try:
             self._consumer.subscribe([self._topic], listener=Listener())
         except kafka.errors.KafkaError as exc:
             raise KafkaError(f"cannot subscribe to {self._topic}: {exc}") from exc
 
-    def poll(self) -> list[Record]:
+    def poll(self, timeout_ms: int | None = None) -> list[Record]:
+        """Records of the unpaused partitions; also heartbeats and runs rebalances."""
         try:
             batches = self._consumer.poll(
-                timeout_ms=self._cfg.poll_timeout_ms, max_records=self._cfg.max_poll_records
+                timeout_ms=self._cfg.poll_timeout_ms if timeout_ms is None else timeout_ms,
+                max_records=self._cfg.max_poll_records,
             )
         except kafka.errors.KafkaError as exc:
             raise KafkaError(f"poll failed: {exc}") from exc
@@ -164,6 +208,36 @@ class KafkaIO:
         except Exception:  # no position yet: not caught up
             return False
         return high is not None and pos is not None and pos >= high
+
+    def seek(self, partition: int, offset: int | None) -> None:
+        """Read `partition` from `offset` next (None: its earliest retained offset)."""
+        tp = TopicPartition(self._topic, partition)
+        try:
+            if offset is None:
+                self._consumer.seek_to_beginning(tp)
+            else:
+                self._consumer.seek(tp, offset)
+        except (kafka.errors.KafkaError, AssertionError) as exc:
+            raise KafkaError(f"cannot seek partition {partition}: {exc}") from exc
+
+    def pause(self, partitions: Iterable[int]) -> None:
+        """Stop fetching these partitions; `poll` still heartbeats and takes part in
+        rebalances, so a paused engine keeps its membership."""
+        parts = [p for p in partitions if p in self._assigned and p not in self._paused]
+        if parts:
+            self._consumer.pause(*[TopicPartition(self._topic, p) for p in parts])
+            self._paused.update(parts)
+
+    def resume(self, partitions: Iterable[int]) -> None:
+        parts = [p for p in partitions if p in self._paused]
+        if parts:
+            self._paused.difference_update(parts)
+            assigned = [p for p in parts if p in self._assigned]
+            if assigned:
+                self._consumer.resume(*[TopicPartition(self._topic, p) for p in assigned])
+
+    def paused(self) -> set[int]:
+        return set(self._paused)
 
     def lag(self) -> int | None:
         total = 0

@@ -16,6 +16,9 @@ One step does, for every row at once and in one XLA-compiled call:
 
 A row is *valid* in a step when its entity reported and, for diff/log_return, a previous
 value exists. Rows that are not valid keep every state tensor and statistic bit for bit.
+A row that reported but whose new state or forecast would not be all finite is *rejected*:
+it keeps every old value bit for bit (previous target included), is not valid, and the
+step reports it so that its event is dead-lettered (reason non_finite_state).
 Forecasts come from a direct multi-output head, so a multi-step horizon never iterates the
 recurrence and cannot disturb the live state.
 
@@ -186,6 +189,9 @@ class StepOutput:
     forecasts: np.ndarray  # float32 [capacity, horizon], target's transformed units
     valid: np.ndarray  # bool [capacity]: row advanced in this step
     target: np.ndarray  # float32 [capacity]: this step's target in transformed units
+    # bool [capacity]: present, but the step would have made the row's state or forecast
+    # non-finite; the row kept its old state bit for bit, is not valid, forecast and target 0.
+    rejected: np.ndarray
 
 
 # Floor of the stored target std, so that a constant target cannot divide by zero in a loss.
@@ -350,7 +356,8 @@ class StatefulLSTM:
             w.assign(np.asarray(v, dtype=np.float32))
 
     def step(self, x: np.ndarray, mask: np.ndarray) -> StepOutput:
-        """Advance every row by one step; rows with mask False keep their state bit for bit."""
+        """Advance every row by one step; rows with mask False keep their state bit for bit,
+        and so do rows the step would make non-finite (`StepOutput.rejected`)."""
         cap = self.capacity
         if x.shape != (cap, self.n_features):
             raise ModelError(f"step input has shape {x.shape}, expected {(cap, self.n_features)}")
@@ -361,7 +368,12 @@ class StatefulLSTM:
         packed[:, self.n_features] = mask
         out = self._step_fn(tf.constant(packed)).numpy()
         h = self.horizon
-        return StepOutput(forecasts=out[:, :h], valid=out[:, h] > 0.5, target=out[:, h + 1])
+        return StepOutput(
+            forecasts=out[:, :h],
+            valid=out[:, h] > 0.5,
+            target=out[:, h + 1],
+            rejected=out[:, h + 2] > 0.5,
+        )
 
     def grow(self, capacity: int) -> None:
         """Add rows (zero state) up to `capacity`; existing rows are untouched."""
@@ -451,16 +463,25 @@ class StatefulLSTM:
         return tf.cast(product, tf.float32)
 
     def _step_graph(self, packed: tf.Tensor) -> tf.Tensor:
+        """[capacity, F + 1] (inputs, mask) -> [capacity, horizon + 3] (forecasts, valid,
+        target, rejected).
+
+        Every new value of every row is computed first and written last: a present row whose
+        new values are not all finite (`ok` False) keeps every old value bit for bit, as a
+        masked row does, is not valid, and is reported as rejected with forecast and target 0.
+        """
         v = self.bank.vars
         f = self.n_features
         x = packed[:, :f]
         present = packed[:, f : f + 1] > 0.5  # [cap, 1]
         valid = present
+        old: dict[str, tf.Tensor] = {name: var.read_value() for name, var in v.items()}
+        new: dict[str, tf.Tensor] = {}
         if self._transform != "none":
             t = self._target
             raw = x[:, t : t + 1]
-            prev = v["prev_target"].read_value()
-            has_prev = v["has_prev"].read_value() > 0.5
+            prev = old["prev_target"]
+            has_prev = old["has_prev"] > 0.5
             if self._transform == "diff":
                 changed = raw - prev
             else:  # log_return; the parser guarantees raw > 0, prev is a past raw value
@@ -469,12 +490,10 @@ class StatefulLSTM:
             valid = tf.logical_and(present, has_prev)
             changed = tf.where(valid, changed, tf.zeros_like(changed))
             x = tf.concat([x[:, :t], changed, x[:, t + 1 :]], axis=1)
-            v["prev_target"].assign(tf.where(present, raw, prev))
-            v["has_prev"].assign(tf.where(present, tf.ones_like(prev), v["has_prev"]))
+            new["prev_target"] = tf.where(present, raw, prev)
+            new["has_prev"] = tf.where(present, tf.ones_like(prev), old["has_prev"])
         if self._cfg.normalize:
-            count = v["norm_count"].read_value()
-            mean = v["norm_mean"].read_value()
-            m2 = v["norm_m2"].read_value()
+            count, mean, m2 = old["norm_count"], old["norm_mean"], old["norm_m2"]
             new_count = tf.where(valid, count + 1.0, count)
             delta = x - mean
             new_mean = tf.where(valid, mean + delta / tf.maximum(new_count, 1.0), mean)
@@ -482,9 +501,9 @@ class StatefulLSTM:
             std = tf.sqrt(new_m2 / tf.maximum(new_count, 1.0) + VARIANCE_EPSILON)
             clip = self._cfg.clip
             h_in = tf.clip_by_value((x - new_mean) / std, -clip, clip)
-            v["norm_count"].assign(new_count)
-            v["norm_mean"].assign(new_mean)
-            v["norm_m2"].assign(new_m2)
+            new["norm_count"] = new_count
+            new["norm_mean"] = new_mean
+            new["norm_m2"] = new_m2
             t = self._target
             t_mean, t_std = new_mean[:, t : t + 1], std[:, t : t + 1]
         else:
@@ -494,32 +513,42 @@ class StatefulLSTM:
         target = x[:, self._target : self._target + 1]
         for i, layer in enumerate(self.lstm_layers):
             cell = layer.cell
-            h = v[f"h{i}"].read_value()
-            c = v[f"c{i}"].read_value()
+            h, c = old[f"h{i}"], old[f"c{i}"]
             kernel = tf.concat([cell.kernel.value, cell.recurrent_kernel.value], axis=0)
             z = self._matmul(tf.concat([h_in, h], axis=1), kernel) + cell.bias.value
             zi, zf, zc, zo = tf.split(z, 4, axis=1)
             new_c = tf.sigmoid(zf) * c + tf.sigmoid(zi) * tf.tanh(zc)
             new_h = tf.sigmoid(zo) * tf.tanh(new_c)
-            new_h = tf.where(valid, new_h, h)
-            new_c = tf.where(valid, new_c, c)
-            v[f"h{i}"].assign(new_h)
-            v[f"c{i}"].assign(new_c)
-            h_in = new_h
+            new[f"h{i}"] = tf.where(valid, new_h, h)
+            new[f"c{i}"] = tf.where(valid, new_c, c)
+            h_in = new[f"h{i}"]
         y = self._matmul(h_in, self.head.kernel.value) + self.head.bias.value
         y = y * t_std + t_mean
+        # The guard: one bool per row over everything this step would write or report.
+        checked = [new[name] for name in v] + [y]
+        ok = tf.reduce_all(tf.math.is_finite(tf.concat(checked, axis=1)), axis=1, keepdims=True)
+        for name, var in v.items():
+            var.assign(tf.where(ok, new[name], old[name]))
+        rejected = tf.logical_and(present, tf.logical_not(ok))
+        valid = tf.logical_and(valid, ok)
+        y = tf.where(rejected, tf.zeros_like(y), y)
+        target = tf.where(rejected, tf.zeros_like(target), target)
         valid_f = tf.cast(valid, tf.float32)
         if self.window is not None:
+            # A rejected row records nothing usable (not valid) and only finite numbers: the
+            # training window multiplies by its mask, and inf * 0 would be NaN.
             self.window.record(
                 {
-                    "inputs": inputs,
+                    "inputs": tf.where(rejected, tf.zeros_like(inputs), inputs),
                     "valid": valid_f[:, 0],
                     "target": target[:, 0],
-                    "mean": t_mean[:, 0],
-                    "std": tf.maximum(t_std[:, 0], MIN_TARGET_STD),
+                    "mean": tf.where(rejected, tf.zeros_like(t_mean), t_mean)[:, 0],
+                    "std": tf.where(
+                        rejected, tf.ones_like(t_std), tf.maximum(t_std, MIN_TARGET_STD)
+                    )[:, 0],
                 }
             )
-        return tf.concat([y, valid_f, target], axis=1)
+        return tf.concat([y, valid_f, target, tf.cast(rejected, tf.float32)], axis=1)
 
 
 # Feature value that marks a masked row for `StatefulLSTM.reference_model`.

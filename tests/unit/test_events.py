@@ -24,6 +24,8 @@ FEATURES = ("price", "signal", "volume")
 NOW = 1_767_225_600.0  # 2026-01-01T00:00:00Z, the pinned wall clock
 MAX_FUTURE = 3_600.0
 F32_MAX = float(np.finfo(np.float32).max)
+F32_TINY = float(np.finfo(np.float32).tiny)  # smallest positive normal float32
+MAX_ABS = StreamConfig().max_abs_value
 NAN = float("nan")
 INF = float("inf")
 
@@ -99,8 +101,9 @@ def test_valid_entities(parser: EventParser, entity: str) -> None:
     [
         pytest.param(DEFAULT_MIN_EVENT_TIME, [1.0, 0.0, 0.0], id="ts-at-min-event-time"),
         pytest.param(NOW + MAX_FUTURE, [1.0, 0.0, 0.0], id="ts-at-max-future"),
-        pytest.param(NOW, [F32_MAX, -F32_MAX, 0.0], id="float32-max"),
-        pytest.param(NOW, [5e-324, -0.0, 1e-45], id="tiny"),
+        pytest.param(NOW, [MAX_ABS, -MAX_ABS, 0.0], id="max-abs-value"),
+        pytest.param(NOW, [F32_TINY, -0.0, 1e-45], id="tiny"),
+        pytest.param(NOW, [1.0, 1e-40, 5e-324], id="subnormal-non-target"),
         pytest.param(NOW, [1, -1, 0], id="ints"),
     ],
 )
@@ -249,6 +252,22 @@ REFUSALS = [
         "AAPL",
         id="object-target-negative",
     ),
+    # OUT_OF_RANGE: finite float32, but beyond stream.max_abs_value, or a log_return target
+    # that is not a positive normal float32
+    pytest.param(event(values=[1e16, 1, 1]), Reason.OUT_OF_RANGE, "AAPL", id="target-1e16"),
+    pytest.param(event(values=[1, 1e16, 1]), Reason.OUT_OF_RANGE, "AAPL", id="feature-1e16"),
+    pytest.param(event(values=[1, -1e16, 1]), Reason.OUT_OF_RANGE, "AAPL", id="feature-minus-1e16"),
+    pytest.param(event(values=[1, 1, 3e38]), Reason.OUT_OF_RANGE, "AAPL", id="feature-3e38"),
+    pytest.param(event(values=[1, 1, 10**16]), Reason.OUT_OF_RANGE, "AAPL", id="int-1e16"),
+    pytest.param(
+        event(values={**VALUES, "signal": -1e16}), Reason.OUT_OF_RANGE, "AAPL", id="object-1e16"
+    ),
+    pytest.param(event(values=[1e-310, 1, 1]), Reason.OUT_OF_RANGE, "AAPL", id="target-f64-sub"),
+    pytest.param(event(values=[5e-324, 1, 1]), Reason.OUT_OF_RANGE, "AAPL", id="target-f64-min"),
+    pytest.param(event(values=[1e-40, 1, 1]), Reason.OUT_OF_RANGE, "AAPL", id="target-f32-sub"),
+    pytest.param(
+        event(values=[F32_TINY * 0.999, 1, 1]), Reason.OUT_OF_RANGE, "AAPL", id="target-below-tiny"
+    ),
 ]
 
 
@@ -348,8 +367,8 @@ def test_an_integer_too_large_for_a_float_is_refused(parser: EventParser, obj: A
 # --- properties -----------------------------------------------------------------------------
 
 ENTITIES = st.from_regex(DEFAULT_ENTITY_PATTERN, fullmatch=True)
-FEATURE_VALUES = st.floats(min_value=-F32_MAX, max_value=F32_MAX, allow_nan=False)
-PRICES = st.floats(min_value=0.0, max_value=F32_MAX, exclude_min=True)
+FEATURE_VALUES = st.floats(min_value=-MAX_ABS, max_value=MAX_ABS, allow_nan=False)
+PRICES = st.floats(min_value=F32_TINY, max_value=MAX_ABS)
 TIMES = st.floats(min_value=DEFAULT_MIN_EVENT_TIME, max_value=NOW + MAX_FUTURE)
 
 
@@ -410,8 +429,8 @@ def test_anything_either_parses_to_a_sound_event_or_raises_event_error(obj: Any)
     assert parsed.entity == obj["entity"]
     assert DEFAULT_MIN_EVENT_TIME <= parsed.ts <= NOW + MAX_FUTURE
     assert len(parsed.values) == len(FEATURES)
-    assert all(math.isfinite(v) and abs(v) <= F32_MAX for v in parsed.values)
-    assert parsed.values[0] > 0
+    assert all(math.isfinite(v) and abs(v) <= MAX_ABS for v in parsed.values)
+    assert np.float32(parsed.values[0]) >= F32_TINY
 
 
 # --- step_of --------------------------------------------------------------------------------
@@ -491,3 +510,98 @@ def test_events_at_one_ts_never_close_their_own_step(ts: float, interval: float)
     assert aligner.close_ready() == []
     assert aligner.add(Event("B", ts, (2.0,))) is AddStatus.ACCEPTED
     assert aligner.late == 0
+
+
+# --- stream.max_abs_value, float32 range, duplicate field names --------------------------------
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, INF, NAN])
+def test_max_abs_value_must_be_positive_and_finite(bad: float) -> None:
+    from streamer.config import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        StreamConfig(max_abs_value=bad)
+    assert info.value.field == "stream.max_abs_value"
+
+
+def test_out_of_range_names_entity_and_feature_and_follows_the_config() -> None:
+    config = StreamConfig(
+        features=FEATURES, target="price", max_future=MAX_FUTURE, max_abs_value=100.0
+    )
+    parser = EventParser(config, clock=lambda: NOW)
+
+    assert parser.parse(event(values=[100.0, -100.0, 0.0])).values == (100.0, -100.0, 0.0)
+    error = refused(parser, event(values=[1.0, 2.0, -100.5]))
+    assert error.reason is Reason.OUT_OF_RANGE
+    assert '"AAPL"' in str(error) and '"volume"' in str(error)
+
+
+@pytest.mark.parametrize(
+    ("values", "reason"),
+    [
+        pytest.param([1e16, 1, 1], Reason.OUT_OF_RANGE, id="1e16"),
+        pytest.param([1, -1e16, 1], Reason.OUT_OF_RANGE, id="-1e16"),
+        pytest.param([1e-310, 1, 1], Reason.OUT_OF_RANGE, id="target-1e-310"),
+        pytest.param([1e-40, 1, 1], Reason.OUT_OF_RANGE, id="target-1e-40"),
+        pytest.param([1, 1e-40, 1], None, id="feature-1e-40-is-fine"),
+        pytest.param([1, 1, 1e-310], None, id="feature-1e-310-is-fine"),
+        pytest.param([0.0, 1, 1], Reason.NON_POSITIVE_TARGET, id="target-0-keeps-its-reason"),
+        pytest.param([1e39, 1, 1], Reason.NON_FINITE, id="1e39-keeps-its-reason"),
+    ],
+)
+def test_float32_range_table(parser: EventParser, values: list, reason: Reason | None) -> None:
+    if reason is None:
+        assert parser.parse(event(values=values)).values == tuple(map(float, values))
+    else:
+        assert refused(parser, event(values=values)).reason is reason
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param(b'{"entity":"A","entity":"B","ts":1767225590,"values":[1,2,3]}', id="entity"),
+        pytest.param(b'{"entity":"A","ts":1767225590,"ts":1767225591,"values":[1,2,3]}', id="ts"),
+        pytest.param(
+            b'{"entity":"A","ts":1767225590,"values":{"price":1,"signal":2,"volume":3,"price":4}}',
+            id="nested-feature",
+        ),
+        pytest.param(b'{"a":{"b":{"c":1,"c":1}}}', id="deep-equal-values"),
+    ],
+)
+def test_duplicate_field_names_are_refused(raw: bytes) -> None:
+    from streamer.codec import decode_event
+
+    with pytest.raises(EventError) as info:
+        decode_event(raw, "json", 1024)
+    assert info.value.reason is Reason.DUPLICATE_FIELD
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param('{"entity":"A","ts":1,"values":[]}'.encode("utf-16"), id="utf-16-bom"),
+        pytest.param('{"entity":"A","ts":1,"values":[]}'.encode("utf-16-le"), id="utf-16-le"),
+        pytest.param(b'\xef\xbb\xbf{"entity":"A","ts":1,"values":[]}', id="utf-8-bom"),
+        pytest.param(b'{"entity":"\xed\xa0\x80","ts":1,"values":[]}', id="encoded-surrogate"),
+        pytest.param(b'{"entity":"A","ts":' + b"1" * 5000 + b',"values":[]}', id="5000-digits"),
+    ],
+)
+def test_only_utf8_json_decodes(raw: bytes) -> None:
+    """json.loads(bytes) would take UTF-16/32 and encoded surrogates; an integer literal of
+    more than 4300 digits raised a bare ValueError that escaped decode_event."""
+    from streamer.codec import decode_event
+
+    with pytest.raises(EventError) as info:
+        decode_event(raw, "json", 1 << 20)
+    assert info.value.reason is Reason.UNDECODABLE
+
+
+def test_a_clean_json_event_still_decodes() -> None:
+    from streamer.codec import decode_event
+
+    raw = b'{"entity":"E001","ts":1767225600.5,"values":{"price":101.3,"signal":0.2}}'
+    assert decode_event(raw, "json", 1024) == {
+        "entity": "E001",
+        "ts": 1767225600.5,
+        "values": {"price": 101.3, "signal": 0.2},
+    }
