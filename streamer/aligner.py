@@ -17,8 +17,13 @@ A closed step becomes a `Batch`: X[capacity, features] with the row of each enti
 registry slot, and a mask that is False for entities without an event in that step.
 
 Within an open step, a second event for the same entity replaces the first (counted as a
-duplicate), or is dropped under `stream.duplicates = "first"`. An event for a step at or
-before the last closed step is late: it is counted and reported to the caller, never applied.
+duplicate), or is dropped under `stream.duplicates = "first"`. An event is late, counted and
+reported to the caller, never applied, when its step is at or before the last closed step, or
+when its own partition's watermark (the newest event time read from that partition minus
+`allowed_lateness`) has already passed the step's end. The second rule is what makes the
+decision depend on the order of records in the partition alone: a correction for step 2 read
+after its partition reached step 90 is late whether the consumer reads it live (step 2 long
+closed) or from a backlog in one large poll (step 2 perhaps still open).
 
 Determinism: with a known entity set, the batches do not depend on how the events of
 different entities interleave (each entity's own events keep their order, as one Kafka
@@ -124,6 +129,10 @@ class StepAligner:
         if self._last_closed is not None and step <= self._last_closed:
             self.late += 1
             return AddStatus.LATE
+        own = self._partition_max_ts.get(partition, -math.inf) - self._lateness
+        if own > -math.inf and step < step_of(own, self._interval):
+            self.late += 1
+            return AddStatus.LATE
         # The newest step known: from the events seen, or after a restart (no event seen yet)
         # the checkpoint's last closed step, so a stray first event cannot jump ahead either.
         newest = (
@@ -151,14 +160,29 @@ class StepAligner:
             self._partition_max_ts[partition] = event.ts
         return status
 
-    def close_ready(self) -> list[Batch]:
-        """Close, in step order, every step that is complete or behind the watermark."""
-        out = []
+    def observe_time(self, partition: int, ts: float) -> None:
+        """Advance a partition's newest event time without buffering anything: a replayed
+        event (already applied before a restart) moves the watermark as it did then."""
+        if ts > self._partition_max_ts.get(partition, -math.inf):
+            self._partition_max_ts[partition] = ts
+        if ts > self._max_ts:
+            self._max_ts = ts
+
+    def partition_max_ts(self, partition: int) -> float:
+        return self._partition_max_ts.get(partition, -math.inf)
+
+    def forget_partition(self, partition: int) -> None:
+        self._partition_max_ts.pop(partition, None)
+
+    def close_ready(self, limit: int | None = None) -> list[Batch]:
+        """Close, in step order, every step that is complete or behind the watermark (at most
+        `limit` of them: the caller bounds the work between two polls)."""
+        out: list[Batch] = []
         watermark = self.watermark
         # The step the watermark is in; every step before it is over. Integer steps (not
         # `watermark >= (step + 1) * interval`) keep this consistent with `step_of`.
         watermark_step = step_of(watermark, self._interval) if watermark > -math.inf else None
-        while self._open:
+        while self._open and (limit is None or len(out) < limit):
             step = min(self._open)
             complete = self._last_closed is not None and len(self._open[step]) >= len(
                 self._registry

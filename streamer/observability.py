@@ -223,6 +223,21 @@ class EngineCollector(Collector):
             "Checkpoints that failed (store error or fenced by a newer owner).",
             stats.checkpoint_failures,
         )
+        yield gauge(
+            "store_up",
+            "1 while the state store answers, 0 while checkpoints fail and are retried.",
+            float(getattr(engine, "store_up", True)),
+        )
+        yield counter(
+            "rows_quarantined_total",
+            "Stored entity rows that could not be used (corrupt, non-finite): reset instead.",
+            getattr(stats, "quarantined", 0),
+        )
+        yield counter(
+            "store_resets_total",
+            "Times the store had lost this engine's checkpoints and was re-seeded from memory.",
+            getattr(stats, "store_resets", 0),
+        )
         yield counter(
             "rebalances_total",
             "Partition assignments received from the consumer group.",
@@ -451,6 +466,9 @@ def readiness(engine: Any) -> tuple[bool, str]:
         return False, "stopping"
     if not assigned_partitions(engine):
         return False, "no partitions assigned (joining the group, or every partition is owned)"
+    reason = getattr(engine, "not_ready_reason", None)
+    if reason is not None:
+        return False, str(reason)
     ready = getattr(engine, "ready", None)
     if ready is not None and not ready:
         return False, "restoring states or not consuming yet"

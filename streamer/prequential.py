@@ -126,6 +126,42 @@ class Prequential:
         self._valid[i] = valid
         self._batches += 1
 
+    # ------------------------------------------------------------ checkpoints
+
+    _SUMS = ("n", "se_model", "se_persist", "se_zero", "ae_model", "ae_persist")
+
+    def export_arrays(self) -> dict[str, np.ndarray]:
+        """Everything an exact resume needs, as named arrays (float64 viewed as int64)."""
+        out: dict[str, np.ndarray] = {
+            "preq_batches": np.array([self._batches], np.int64),
+            "preq_forecasts": self._forecasts.view(np.int64),
+            "preq_actual": self._actual.view(np.int64),
+            "preq_valid": self._valid.astype(np.uint8),
+        }
+        for which, sums in (("total", self.total), ("recent", self.recent)):
+            for name in self._SUMS:
+                out[f"preq_{which}_{name}"] = getattr(sums, name).view(np.int64)
+        return out
+
+    def import_rows(self, arrays: dict[str, np.ndarray], slots: np.ndarray) -> None:
+        """Restore the scores of these slots (entities back in the rows they had)."""
+        if "preq_batches" not in arrays:
+            return
+        slots = np.asarray(slots, np.int64)
+        stored_cap = arrays["preq_actual"].shape[1]
+        slots = slots[slots < min(stored_cap, self._capacity)]
+        if arrays["preq_actual"].shape[0] != self.horizon:
+            return  # another horizon: the scores do not carry over
+        self._batches = max(self._batches, int(arrays["preq_batches"][0]))
+        if not len(slots):
+            return
+        self._forecasts[:, slots] = arrays["preq_forecasts"].view(np.float64)[:, slots]
+        self._actual[:, slots] = arrays["preq_actual"].view(np.float64)[:, slots]
+        self._valid[:, slots] = arrays["preq_valid"][:, slots].astype(bool)
+        for which, sums in (("total", self.total), ("recent", self.recent)):
+            for name in self._SUMS:
+                getattr(sums, name)[slots] = arrays[f"preq_{which}_{name}"].view(np.float64)[slots]
+
     def _decay_recent(self) -> None:
         for a in self.recent.arrays():
             a *= self._decay

@@ -10,6 +10,19 @@ consumer group own and move between them. For each partition it holds:
   (FencedError) to write a partition whose current token is not the caller's, so an engine
   that lost a partition in a rebalance cannot overwrite its new owner's state.
 
+- `read`: the next offset the engine had read when it wrote the checkpoint (the read mark).
+  After a restart, a record below it was seen before the checkpoint, so an old step in it is
+  a replay (skipped silently); a record at or above it is new, so an old step in it is late
+  (dead-lettered).
+- a checkpoint sequence number, incremented by every commit of the partition. A commit names
+  the sequence it expects; a store that lost writes (restarted empty, or an append-only file
+  that lost its last second) no longer has it, and the commit is refused with
+  `StoreLostError` instead of pairing new positions with older rows.
+
+Rows live in two places per partition: resident entities (restored at assignment) and cold
+ones (evicted while idle; restored only when their next event arrives), so a partition can
+hold many more entities than one engine's capacity.
+
 Positions, rows and the checkpoint's metadata for all partitions are written in one atomic
 operation: a reader sees all of a checkpoint or none of it.
 """
@@ -23,7 +36,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ..errors import FencedError, StateError
+from ..errors import FencedError, StateError, StoreLostError
 from .format import NO_STEP, RowLayout, decode_rows, encode_rows
 
 
@@ -47,6 +60,21 @@ class Checkpoint:
     # Opaque engine-wide state written atomically with the rest (the learner's window),
     # None to leave what is stored untouched.
     extra: bytes | None = None
+    # partition -> next offset read when the checkpoint was taken (see the module docstring)
+    read_marks: Mapping[int, int] = field(default_factory=dict)
+    # partition -> its watermark (newest event time) from the records before its position
+    watermarks: Mapping[int, float] = field(default_factory=dict)
+    # Entities evicted by this checkpoint: their rows go to the partition's cold rows.
+    evicted: Sequence[EntityState] = ()
+    # partition -> the checkpoint sequence the caller expects to find; None: not checked.
+    seqs: Mapping[int, int] | None = None
+
+    @property
+    def partitions(self) -> list[int]:
+        """Every partition this checkpoint writes (each one's sequence moves by one)."""
+        touched = set(self.positions) | {e.partition for e in self.entities}
+        touched |= {p for p, _ in self.removed} | {e.partition for e in self.evicted}
+        return sorted(touched)
 
 
 @dataclass
@@ -56,6 +84,12 @@ class LoadedState:
     steps: dict[int, int] = field(default_factory=dict)  # partition -> last closed step
     weights_version: int | None = None
     extra: bytes | None = None
+    read_marks: dict[int, int] = field(default_factory=dict)
+    watermarks: dict[int, float] = field(default_factory=dict)
+    seqs: dict[int, int] = field(default_factory=dict)  # partition -> checkpoint sequence
+    cold: dict[int, int] = field(default_factory=dict)  # partition -> number of cold rows
+    # (partition, entity, why): stored rows that could not be used (corrupt, non-finite)
+    quarantined: list[tuple[int, str, str]] = field(default_factory=list)
 
 
 class StateStore(Protocol):
@@ -77,6 +111,16 @@ class StateStore(Protocol):
         self, topic: str, partition: int, entity: str, layout: RowLayout
     ) -> EntityState | None:
         """One entity's stored state (an evicted entity coming back), or None."""
+        ...
+
+    def load_cold(
+        self, topic: str, partition: int, entities: Sequence[str], layout: RowLayout
+    ) -> tuple[dict[str, EntityState], list[tuple[int, str, str]]]:
+        """The cold (evicted) rows of these entities that exist, and the quarantined ones."""
+        ...
+
+    def sequences(self, topic: str, partitions: Iterable[int]) -> dict[int, int]:
+        """The checkpoint sequence of each partition (0 for one never written)."""
         ...
 
     def put_latest(self, forecasts: Mapping[str, bytes]) -> None:
@@ -117,6 +161,28 @@ def to_entities(
     ]
 
 
+def to_entities_quarantined(
+    partition: int, names: Sequence[str], blobs: Sequence[bytes], layout: RowLayout
+) -> tuple[list[EntityState], list[tuple[int, str, str]]]:
+    """Like `to_entities`, but a row that cannot be used is set aside, not fatal.
+
+    Returns (usable entities, [(partition, entity, why)]): one corrupt or non-finite row
+    must cost that entity its state (it starts afresh), never the assignment of a partition.
+    """
+    try:
+        return to_entities(partition, names, blobs, layout), []
+    except StateError:
+        pass
+    good: list[EntityState] = []
+    bad: list[tuple[int, str, str]] = []
+    for name, blob in zip(names, blobs, strict=True):
+        try:
+            good += to_entities(partition, [name], [blob], layout)
+        except StateError as exc:
+            bad.append((partition, name, str(exc)))
+    return good, bad
+
+
 class MemoryStore:
     """In-process StateStore with the same semantics as RedisStore (unit tests, demos)."""
 
@@ -126,6 +192,10 @@ class MemoryStore:
         self._positions: dict[tuple[str, int], int] = {}
         self._steps: dict[tuple[str, int], int] = {}
         self._rows: dict[tuple[str, int], dict[str, bytes]] = {}
+        self._cold: dict[tuple[str, int], dict[str, bytes]] = {}
+        self._read: dict[tuple[str, int], int] = {}
+        self._wm: dict[tuple[str, int], float] = {}
+        self._seq: dict[tuple[str, int], int] = {}
         self._layout: str | None = None
         self._weights_version: int | None = None
         self._latest: dict[str, bytes] = {}
@@ -133,12 +203,31 @@ class MemoryStore:
         self._extra: bytes | None = None
         self._quality: bytes | None = None
 
+    def wipe(self) -> None:
+        """Forget everything, as a Redis restarted without persistence does (tests)."""
+        with self._lock:
+            self.__init__()  # type: ignore[misc]
+
     def load_entity(
         self, topic: str, partition: int, entity: str, layout: RowLayout
     ) -> EntityState | None:
         with self._lock:
-            blob = self._rows.get((topic, partition), {}).get(entity)
+            key = (topic, partition)
+            blob = self._rows.get(key, {}).get(entity) or self._cold.get(key, {}).get(entity)
         return None if blob is None else to_entities(partition, [entity], [blob], layout)[0]
+
+    def load_cold(
+        self, topic: str, partition: int, entities: Sequence[str], layout: RowLayout
+    ) -> tuple[dict[str, EntityState], list[tuple[int, str, str]]]:
+        with self._lock:
+            cold = self._cold.get((topic, partition), {})
+            found = {e: cold[e] for e in entities if e in cold}
+        good, bad = to_entities_quarantined(partition, list(found), list(found.values()), layout)
+        return {e.entity: e for e in good}, bad
+
+    def sequences(self, topic: str, partitions: Iterable[int]) -> dict[int, int]:
+        with self._lock:
+            return {p: self._seq.get((topic, p), 0) for p in partitions}
 
     def put_weights(self, version: int, blob: bytes, keep: int) -> None:
         with self._lock:
@@ -175,32 +264,62 @@ class MemoryStore:
                     out.positions[p] = self._positions[key]
                 if key in self._steps:
                     out.steps[p] = self._steps[key]
+                if key in self._read:
+                    out.read_marks[p] = self._read[key]
+                if key in self._wm:
+                    out.watermarks[p] = self._wm[key]
+                out.seqs[p] = self._seq.get(key, 0)
+                out.cold[p] = len(self._cold.get(key, {}))
                 rows = self._rows.get(key, {})
-                out.entities += to_entities(p, list(rows), list(rows.values()), layout)
+                good, bad = to_entities_quarantined(p, list(rows), list(rows.values()), layout)
+                out.entities += good
+                out.quarantined += bad
             return out
 
     def commit(self, checkpoint: Checkpoint, tokens: Mapping[int, int], layout: RowLayout) -> int:
         blobs = rows_and_steps(checkpoint.entities, layout)
+        cold_blobs = rows_and_steps(checkpoint.evicted, layout)
+        topic = checkpoint.topic
         with self._lock:
-            touched = set(checkpoint.positions) | {e.partition for e in checkpoint.entities}
-            touched |= {p for p, _ in checkpoint.removed}
-            for p in sorted(touched):
-                current = self._owner.get((checkpoint.topic, p), 0)
+            touched = checkpoint.partitions
+            for p in touched:
+                if (topic, p) not in self._owner:
+                    raise StoreLostError(topic, p, "its owner token is gone")
+                current = self._owner[(topic, p)]
                 if tokens.get(p) != current:
-                    raise FencedError(checkpoint.topic, p, tokens.get(p, -1), current)
+                    raise FencedError(topic, p, tokens.get(p, -1), current)
+                if checkpoint.seqs is not None:
+                    have = self._seq.get((topic, p), 0)
+                    if checkpoint.seqs.get(p, 0) != have:
+                        raise StoreLostError(
+                            topic,
+                            p,
+                            f"checkpoint {checkpoint.seqs.get(p, 0)} expected, {have} found",
+                        )
             for p, pos in checkpoint.positions.items():
-                self._positions[(checkpoint.topic, p)] = int(pos)
+                self._positions[(topic, p)] = int(pos)
                 if checkpoint.step is not None:
-                    self._steps[(checkpoint.topic, p)] = checkpoint.step
+                    self._steps[(topic, p)] = checkpoint.step
+            for p, mark in checkpoint.read_marks.items():
+                self._read[(topic, p)] = int(mark)
+            for p, wm in checkpoint.watermarks.items():
+                self._wm[(topic, p)] = float(wm)
             for e, blob in zip(checkpoint.entities, blobs, strict=True):
-                self._rows.setdefault((checkpoint.topic, e.partition), {})[e.entity] = blob
+                self._rows.setdefault((topic, e.partition), {})[e.entity] = blob
+                self._cold.get((topic, e.partition), {}).pop(e.entity, None)
+            for e, blob in zip(checkpoint.evicted, cold_blobs, strict=True):
+                self._cold.setdefault((topic, e.partition), {})[e.entity] = blob
+                self._rows.get((topic, e.partition), {}).pop(e.entity, None)
             for p, name in checkpoint.removed:
-                self._rows.get((checkpoint.topic, p), {}).pop(name, None)
+                self._rows.get((topic, p), {}).pop(name, None)
+                self._cold.get((topic, p), {}).pop(name, None)
+            for p in touched:
+                self._seq[(topic, p)] = self._seq.get((topic, p), 0) + 1
             self._layout = layout.to_json()
             self._weights_version = checkpoint.weights_version
             if checkpoint.extra is not None:
                 self._extra = checkpoint.extra
-            return sum(map(len, blobs))
+            return sum(map(len, blobs)) + sum(map(len, cold_blobs))
 
     def put_latest(self, forecasts: Mapping[str, bytes]) -> None:
         with self._lock:
@@ -229,4 +348,5 @@ __all__ = [
     "LoadedState",
     "MemoryStore",
     "StateStore",
+    "StoreLostError",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from streamer.errors import FencedError, StateError
+from streamer.errors import FencedError, StateError, StoreLostError
 from streamer.state import Checkpoint, EntityState, MemoryStore, RowLayout
 from streamer.state.format import HEADER_SIZE, NO_STEP, encode_rows
 from streamer.state.redis_store import RedisStore
@@ -114,10 +114,10 @@ def test_latest_forecasts(store):
     assert store.get_latest("B") == b'{"x":2}'
 
 
-def test_corrupt_blob_in_redis_is_refused(redis_url, unique):
+def test_corrupt_blob_in_redis_is_quarantined_not_fatal(redis_url, unique):
     store = RedisStore(redis_url, unique("ns"))
     tokens = store.acquire("t", [0])
-    store.commit(Checkpoint("t", {0: 1}, [ent("A", 0, 1, 1)]), tokens, LAYOUT)
+    store.commit(Checkpoint("t", {0: 1}, [ent("A", 0, 1, 1), ent("B", 0, 1, 2)]), tokens, LAYOUT)
     import redis as redis_py
 
     raw = redis_py.Redis.from_url(redis_url)
@@ -130,6 +130,43 @@ def test_corrupt_blob_in_redis_is_refused(redis_url, unique):
         (good[:-4] + np.float32(np.nan).tobytes(), "non-finite"),
     ]:
         raw.hset(key, "A", bad)
-        with pytest.raises(StateError, match=why):
-            store.load("t", [0], LAYOUT)
+        loaded = store.load("t", [0], LAYOUT)
+        # One bad row costs that entity its state, never the partition's assignment.
+        assert [e.entity for e in loaded.entities] == ["B"]
+        assert [(p, name) for p, name, _ in loaded.quarantined] == [(0, "A")]
+        assert why in loaded.quarantined[0][2]
+        assert loaded.positions == {0: 1}
     store.close()
+
+
+def test_sequences_detect_a_store_that_lost_writes(store):
+    """A commit names the sequence it expects; a wiped store refuses it (StoreLostError)."""
+    tokens = store.acquire("t", [0])
+    assert store.sequences("t", [0]) == {0: 0}
+    store.commit(Checkpoint("t", {0: 1}, [ent("A", 0, 1, 1)], seqs={0: 0}), tokens, LAYOUT)
+    assert store.sequences("t", [0]) == {0: 1}
+    with pytest.raises(StoreLostError, match="expected"):
+        store.commit(Checkpoint("t", {0: 2}, seqs={0: 0}), tokens, LAYOUT)
+    store.commit(Checkpoint("t", {0: 2}, seqs={0: 1}), tokens, LAYOUT)
+    assert store.load("t", [0], LAYOUT).seqs == {0: 2}
+
+
+def test_evicted_rows_go_cold_and_come_back_by_name(store):
+    tokens = store.acquire("t", [0])
+    a, b = ent("A", 0, 1, 1), ent("B", 0, 2, 2)
+    store.commit(
+        Checkpoint("t", {0: 1}, [a], evicted=[b], read_marks={0: 5}, watermarks={0: 1.5e9 + 0.25}),
+        tokens,
+        LAYOUT,
+    )
+    loaded = store.load("t", [0], LAYOUT)
+    assert loaded.watermarks == {0: 1.5e9 + 0.25}
+    assert [e.entity for e in loaded.entities] == ["A"]  # B is cold: not restored at assignment
+    assert loaded.cold == {0: 1} and loaded.read_marks == {0: 5}
+    found, bad = store.load_cold("t", 0, ["B", "nobody"], LAYOUT)
+    assert list(found) == ["B"] and not bad and same([found["B"]], [b])
+    # B reports again and is checkpointed as resident: it leaves the cold rows.
+    store.commit(Checkpoint("t", {0: 2}, [b]), tokens, LAYOUT)
+    loaded = store.load("t", [0], LAYOUT)
+    assert sorted(e.entity for e in loaded.entities) == ["A", "B"] and loaded.cold == {0: 0}
+    assert store.load_cold("t", 0, ["B"], LAYOUT) == ({}, [])

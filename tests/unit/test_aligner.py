@@ -255,10 +255,16 @@ def test_late_and_duplicate_events_are_never_applied(data, lateness):
     for e in ENTITIES:
         reg2.assign(e)
     al2.resume_after(math.floor(T0) - 1)
+    newest = -np.inf  # newest event time accepted from the (single) partition so far
     for event in order:
         status = al2.add(event)
         if status is AddStatus.LATE:
-            assert math.floor(event.ts) <= closed_before
+            # Late: its step had closed, or the partition's own watermark had passed it.
+            assert math.floor(event.ts) <= closed_before or math.floor(event.ts) < math.floor(
+                newest - lateness
+            )
+        else:
+            newest = max(newest, event.ts)
         for b in al2.close_ready():
             closed_before = b.step
 
@@ -276,6 +282,32 @@ def test_watermark_waits_for_partitions_that_are_behind():
     assert b.entities == ("A", "B")
     al.set_watermark_partitions(set())  # both caught up: the newest event time rules
     assert [x.step - math.floor(T0) for x in al.close_ready()] == [1]
+
+
+def test_late_depends_on_the_partition_order_alone_not_on_when_steps_close():
+    """A correction for an old step read after its partition moved on is late, whether the
+    step has closed (live) or is still open (a backlog read in one poll)."""
+    for close_between in (True, False):
+        al, _ = make(lateness=1.0)
+        al.set_watermark_partitions({0, 1})
+        al.add(ev("A", 2, 1), partition=0)
+        al.add(ev("B", 2, 1), partition=1)
+        for s in range(3, 90):
+            al.add(ev("A", s, 1), partition=0)
+        if close_between:
+            al.add(ev("B", 50, 1), partition=1)
+            assert al.close_ready()  # step 2 closed
+        assert al.add(ev("A", 2, 9), partition=0) is AddStatus.LATE
+        assert al.add(ev("B", 2, 9), partition=1) is (
+            AddStatus.LATE if close_between else AddStatus.REPLACED
+        )
+
+
+def test_a_replayed_event_moves_its_partition_watermark():
+    al, _ = make(lateness=0.0)
+    al.observe_time(0, T0 + 10.5)
+    assert al.add(ev("A", 3, 1), partition=0) is AddStatus.LATE
+    assert al.add(ev("A", 3, 1), partition=1) is AddStatus.ACCEPTED
 
 
 def test_jump_is_checked_against_the_checkpoint_after_a_restart():
