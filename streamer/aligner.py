@@ -145,6 +145,10 @@ class StepAligner:
                 f"newest step known (stream.max_step_jump={self._max_jump})",
                 event.entity,
             )
+        # The partition's time moves with every event in its order, even one refused for
+        # lack of a row below: a partition whose events are all refused must still let
+        # steps close (and entities become idle), and lateness must not depend on capacity.
+        self.observe_time(partition, event.ts)
         self._registry.assign(event.entity)
         bucket = self._open.setdefault(step, {})
         status = AddStatus.ACCEPTED
@@ -154,10 +158,6 @@ class StepAligner:
                 return AddStatus.DUPLICATE
             status = AddStatus.REPLACED
         bucket[event.entity] = event
-        if event.ts > self._max_ts:
-            self._max_ts = event.ts
-        if event.ts > self._partition_max_ts.get(partition, -math.inf):
-            self._partition_max_ts[partition] = event.ts
         return status
 
     def observe_time(self, partition: int, ts: float) -> None:

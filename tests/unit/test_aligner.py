@@ -317,3 +317,19 @@ def test_jump_is_checked_against_the_checkpoint_after_a_restart():
         al.add(ev("A", 10 + 6, 1))
     assert err.value.reason is Reason.TS_TOO_FAR_AHEAD
     assert al.add(ev("A", 10 + 5, 1)) is AddStatus.ACCEPTED
+
+
+def test_a_partition_whose_events_are_all_refused_still_moves_its_watermark():
+    """Found under an entity flood: every event of partition 1 refused for capacity froze the
+    watermark at -inf, no step closed, nobody became idle, nothing could be evicted."""
+    from streamer.errors import CapacityError
+
+    al, _ = make(capacity=1, max_entities=1, lateness=1.0)
+    al.set_watermark_partitions({0, 1})
+    for s in range(10):
+        al.add(ev("A", s, 1), partition=0)
+        with pytest.raises(CapacityError):
+            al.add(ev(f"C{s}", s, 1), partition=1)
+    assert al.partition_max_ts(1) == T0 + 9.5
+    closed = [b.step for b in al.close_ready()]
+    assert closed[:8] == list(range(int(T0), int(T0) + 8))  # by watermark (or completeness)
