@@ -115,7 +115,9 @@ class EventParser:
         if ts < self._min_ts:
             raise EventError(
                 Reason.TS_TOO_OLD,
-                f'entity "{entity}": ts {ts} is before stream.min_event_time {self._min_ts}',
+                f'entity "{entity}": ts {ts} is before stream.min_event_time {self._min_ts} '
+                "(to replay history set stream.min_event_time = 0, "
+                "STREAMER_STREAM_MIN_EVENT_TIME=0)",
                 entity,
             )
         if self._max_future > 0 and ts > self._clock() + self._max_future:

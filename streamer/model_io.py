@@ -8,19 +8,21 @@ config and the weights; loading it never unpickles anything (safe_mode stays on)
 
 from __future__ import annotations
 
-import csv
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import keras
 import numpy as np
 
 from .config import Config
-from .errors import EventError, ModelError, Reason
-from .events import Event
+from .csv_source import CsvRow, CsvSource
+from .errors import ModelError
 from .model import StatefulLSTM
-from .produce import _parse_time
+
+if TYPE_CHECKING:
+    from .forecaster import Forecaster
 
 log = logging.getLogger(__name__)
 
@@ -64,41 +66,32 @@ def load_keras_weights(model: StatefulLSTM, path: str | Path) -> None:
     model.set_weights(weights)
 
 
-def csv_events(
-    path: str | Path, config: Config, entity_column: str = "entity", time_column: str = "ts"
-) -> Iterator[Event]:
-    features = config.stream.features
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        header = reader.fieldnames or []
-        missing = [c for c in (entity_column, time_column, *features) if c not in header]
-        if missing:
-            raise EventError(Reason.MISSING_FIELD, f"{path}: CSV lacks columns {missing}")
-        for lineno, row in enumerate(reader, start=2):
-            try:
-                yield Event(
-                    row[entity_column],
-                    _parse_time(row[time_column]),
-                    tuple(float(row[f]) for f in features),
-                )
-            except ValueError as exc:
-                raise EventError(Reason.WRONG_TYPE, f"{path}:{lineno}: {exc}") from exc
-
-
-def pretrain(config: Config, path: str | Path, *, passes: int = 1) -> StatefulLSTM:
+def pretrain(
+    config: Config,
+    path: str | Path,
+    *,
+    passes: int = 1,
+    columns: Mapping[str, str] | None = None,
+    entity: str | None = None,
+    skip_bad: bool = False,
+) -> StatefulLSTM:
     """Fit offline by streaming the CSV through the engine's core with learning on.
 
     The same code path as online learning (windows, delayed labels, guard rails), run over
-    recorded data; each pass starts from fresh states and keeps the weights.
+    recorded data; each pass starts from fresh states and keeps the weights. The CSV is read
+    as `streamer produce csv` reads it (`streamer.csv_source`: `columns`, `entity`,
+    `skip_bad`); recorded data may lie in any past, so `stream.min_event_time` and
+    `stream.max_future` do not apply here.
     """
     import dataclasses
+    import math
 
     from .forecaster import Forecaster
 
     cfg = dataclasses.replace(
         config,
         learn=dataclasses.replace(config.learn, enabled=True),
-        stream=dataclasses.replace(config.stream, max_future=0.0),
+        stream=dataclasses.replace(config.stream, max_future=0.0, min_event_time=-math.inf),
     )
     weights: list[np.ndarray] | None = None
     core = None
@@ -106,11 +99,8 @@ def pretrain(config: Config, path: str | Path, *, passes: int = 1) -> StatefulLS
         core = Forecaster(cfg)
         if weights is not None:
             core.model.set_weights(weights)
-        n = 0
-        for event in csv_events(path, cfg):
-            core.ingest(event)
-            core.advance()
-            n += 1
+        source = CsvSource(path, cfg.stream, columns=columns, entity=entity, skip_bad=skip_bad)
+        n = source.replay(_feeder(core), sent_label="events learned from").sent
         core.flush()
         assert core.learner is not None
         weights = core.model.get_weights()
@@ -125,3 +115,14 @@ def pretrain(config: Config, path: str | Path, *, passes: int = 1) -> StatefulLS
         )
     assert core is not None
     return core.model
+
+
+def _feeder(core: Forecaster) -> Callable[[CsvRow], None]:
+    """Each row through the engine's checks into `core`, then every step that can close."""
+    parse = core.parser.parse
+
+    def feed(row: CsvRow) -> None:
+        core.ingest(parse({"entity": row.entity, "ts": row.ts, "values": row.values}))
+        core.advance()
+
+    return feed

@@ -6,11 +6,9 @@ producer learns about a bad event at once instead of from the dead-letter topic.
 
 from __future__ import annotations
 
-import csv
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,7 @@ import kafka.errors
 
 from .codec import encode_event
 from .config import Config
+from .csv_source import CsvReport, CsvRow, CsvSource
 from .errors import EventError, KafkaError, Reason
 from .events import EventParser
 from .kafka_io import client_kwargs, ensure_topics
@@ -133,42 +132,77 @@ def produce_csv(
     config: Config,
     path: str | Path,
     *,
-    entity_column: str = "entity",
-    time_column: str = "ts",
+    columns: Mapping[str, str] | None = None,
+    entity: str | None = None,
+    entity_column: str | None = None,
+    time_column: str | None = None,
+    skip_bad: bool = False,
     rate: float | None = None,
     bootstrap: str | None = None,
+    progress_every_s: float = 5.0,
 ) -> int:
-    """Replay a long-format CSV (one row per entity and time, in time order).
+    """Replay a long-format CSV (one row per entity and time, in time order); the events sent.
 
-    The time column holds epoch seconds or ISO 8601 timestamps; the feature columns are named
-    as in `stream.features`. Rows that break the contract stop the replay with the row number.
+    `replay_csv` says what; this returns only how many events were sent.
     """
-    features = config.stream.features
-    sent = 0
-    with open(path, newline="") as fh, EventProducer(config, bootstrap=bootstrap) as out:
-        reader = csv.DictReader(fh)
-        header = reader.fieldnames or []
-        missing = [c for c in (entity_column, time_column, *features) if c not in header]
-        if missing:
-            raise EventError(Reason.MISSING_FIELD, f"{path}: CSV lacks columns {missing}")
-        for lineno, row in enumerate(paced(reader, rate), start=2):
-            try:
-                values = [float(row[name]) for name in features]
-                out.send(row[entity_column], _parse_time(row[time_column]), values)
-            except (ValueError, EventError) as exc:
-                raise EventError(
-                    Reason.WRONG_TYPE, f"{path}:{lineno}: {exc}", row.get(entity_column)
-                ) from exc
-            sent += 1
-    return sent
+    return replay_csv(
+        config,
+        path,
+        columns=columns,
+        entity=entity,
+        entity_column=entity_column,
+        time_column=time_column,
+        skip_bad=skip_bad,
+        rate=rate,
+        bootstrap=bootstrap,
+        progress_every_s=progress_every_s,
+    ).sent
 
 
-def _parse_time(text: str) -> float:
-    """Epoch seconds, or ISO 8601 (a timestamp without a zone is taken as UTC)."""
-    try:
-        return float(text)
-    except ValueError:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=UTC)
-        return moment.timestamp()
+def replay_csv(
+    config: Config,
+    path: str | Path,
+    *,
+    columns: Mapping[str, str] | None = None,
+    entity: str | None = None,
+    entity_column: str | None = None,
+    time_column: str | None = None,
+    skip_bad: bool = False,
+    rate: float | None = None,
+    bootstrap: str | None = None,
+    progress_every_s: float = 5.0,
+) -> CsvReport:
+    """Replay a long-format CSV into the input topic (`streamer.csv_source` reads it).
+
+    Columns are found by field or feature name, case-insensitively, or as `columns` maps
+    them (`{"ts": "Date", "price": "Adj Close"}`; `entity_column` and `time_column` are
+    shorthands for the `entity` and `ts` entries); `entity` names the one series of a file
+    without an entity column. Times are epoch seconds or ISO 8601. A bad row, or one the
+    engine's checks refuse, stops the replay naming its line, unless `skip_bad`: then it is
+    skipped and counted by reason in the report. Progress is logged every
+    `progress_every_s` seconds, the summary at the end.
+    """
+    mapping = dict(columns or {})
+    if entity_column:
+        mapping.setdefault("entity", entity_column)
+    if time_column:
+        mapping.setdefault("ts", time_column)
+    source = CsvSource(path, config.stream, columns=mapping, entity=entity, skip_bad=skip_bad)
+    rows = source.checked_rows()  # the header and the first rows' times, before connecting
+    with EventProducer(config, bootstrap=bootstrap) as out:
+
+        def send(row: CsvRow) -> None:
+            out.send(row.entity, row.ts, row.values)
+
+        try:
+            return source.replay(
+                send,
+                rows=rows,
+                pace=(lambda rows: paced(rows, rate)) if rate else None,
+                progress_every_s=progress_every_s,
+            )
+        except EventError:
+            log.error(
+                "replay of %s stopped: %d events were sent before it", path, source.report.sent
+            )
+            raise
