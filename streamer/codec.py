@@ -128,16 +128,35 @@ def encode_forecast(
     forecast: Sequence[float],
     level: Sequence[float],
     model_version: int,
+    *,
+    model_forecast: Sequence[float] | None = None,
+    model_weight: Sequence[float] | None = None,
+    intervals: Sequence[tuple[float, Sequence[float], Sequence[float]]] = (),
 ) -> bytes:
     """One forecast message (JSON), keyed by entity; (entity, step) identifies it.
 
-    Hand-assembled rather than `json.dumps` of a dict: this runs once per entity per step
-    and was a tenth of the engine's time. Non-finite numbers become null (never invalid JSON).
+    `forecast` is what the engine publishes (the model shrunk toward the naive forecast),
+    `model_forecast` the model's own and `model_weight` its weight; `intervals` holds
+    (coverage, lower, upper) per level. Hand-assembled rather than `json.dumps` of a dict:
+    this runs once per entity per step and was a tenth of the engine's time. Non-finite
+    numbers become null (never invalid JSON).
     """
+    extra = ""
+    if model_forecast is not None:
+        extra += f',"model_forecast":[{",".join(map(_num, model_forecast))}]'
+    if model_weight is not None:
+        extra += f',"model_weight":[{",".join(map(_num, model_weight))}]'
+    if intervals:
+        parts = [
+            f'{{"coverage":{_num(c)},"lower":[{",".join(map(_num, lo))}],'
+            f'"upper":[{",".join(map(_num, hi))}]}}'
+            for c, lo, hi in intervals
+        ]
+        extra += f',"intervals":[{",".join(parts)}]'
     return (
         f'{{"entity":{json.dumps(entity)},"step":{int(step)},"ts":{_num(ts)},'
         f'"forecast":[{",".join(map(_num, forecast))}],'
-        f'"level":[{",".join(map(_num, level))}],"model_version":{int(model_version)}}}'
+        f'"level":[{",".join(map(_num, level))}]{extra},"model_version":{int(model_version)}}}'
     ).encode()
 
 

@@ -16,6 +16,7 @@ import numpy as np
 from .config import Config
 from .errors import EventError
 from .forecaster import Forecaster, StepResult
+from .prequential import headline
 from .synthetic import SyntheticMarket
 
 
@@ -97,6 +98,8 @@ def run_demo(
     for result in core.flush():
         on_step(result)
     elapsed = time.perf_counter() - t0
+    # The engine's own prequential scores: one step ahead, judged against the best naive.
+    h1 = core.prequential.summary("total")[0]
     summary = {
         "events": n_events,
         "refused": refused,
@@ -107,13 +110,22 @@ def run_demo(
         "mse_model_one_step": sq_err / max(scored, 1),
         "mse_persistence_one_step": sq_err_persist / max(scored, 1),
         "mse_oracle": float(np.mean(market.params()["sigma"] ** 2)),
+        "skill_one_step": _float(h1.get("skill")),
+        "share_entities_beating_baseline_one_step": _float(
+            h1.get("share_entities_beating_baseline")
+        ),
+        "dm_p_value_one_step": _float(h1.get("dm_p_value")),
     }
     print(
         f"done: {n_events} events, {closed} steps in {elapsed:.1f} s "
         f"({summary['events_per_s']:,.0f} events/s); one-step MSE model "
-        f"{summary['mse_model_one_step']:.3g} vs persistence "
-        f"{summary['mse_persistence_one_step']:.3g} vs oracle {summary['mse_oracle']:.3g} "
+        f"{summary['mse_model_one_step']:.3g} vs oracle {summary['mse_oracle']:.3g}; "
+        f"one step ahead: {headline(h1)} "
         "(weights are untrained until online learning lands)",
         file=out,
     )
     return summary
+
+
+def _float(value: float | None) -> float:
+    return float("nan") if value is None else float(value)

@@ -332,10 +332,15 @@ class Engine:
                 self._live = len(records) < self.config.kafka.max_poll_records
                 if self._pending:
                     self._restore_pending()
+                watermark_from = self._watermark_partitions(now)
                 if records:
                     last_data = now
+                    # Before ingesting too: a step closed while making room mid-poll must
+                    # wait for the partitions not read yet.
+                    self.core.aligner.set_watermark_partitions(watermark_from)
                     self._ingest(records)
-                self.core.aligner.set_watermark_partitions(self._watermark_partitions(now))
+                    watermark_from = self._watermark_partitions(time.monotonic())
+                self.core.aligner.set_watermark_partitions(watermark_from)
                 self._close_steps(deadline=time.monotonic() + self._budget_s)
                 if self.learning_metrics is not None and now - self._fed_at >= 1.0:
                     self._feed_learning_metrics()
@@ -526,7 +531,9 @@ class Engine:
             # The learner's window is indexed by row: entities went back to their rows above.
             self.core.learner.import_state(learner_blob)
         if preq:
-            self.core.prequential.import_rows(preq, np.asarray(same_slots, np.int64))
+            slots = np.asarray(same_slots, np.int64)
+            self.core.prequential.import_rows(preq, slots)
+            self.core.combiner.import_rows(preq, slots)
 
     def _quarantine(self, rows: list[tuple[int, str, str]]) -> None:
         for partition, entity, why in rows:
@@ -748,6 +755,7 @@ class Engine:
                         self._bring_back(cold.pop(entity))
                     status = core.ingest(event, p)
             except EventError as exc:
+                self._log_watermark(p, rec.offset)  # a refused event's time still counts
                 self._dead_letter(rec, exc.reason, str(exc))
                 continue
             if status is AddStatus.LATE or status is AddStatus.REPLAYED:
@@ -845,6 +853,8 @@ class Engine:
             "step": self._last_applied_step,
             "recent": self.core.prequential.summary("recent"),
             "total": self.core.prequential.summary("total"),
+            # The published combination: the model's mean weight, interval coverage.
+            "combination": self.core.combiner.summary(),
         }
         learner = self.core.learner
         if learner is not None:
@@ -1025,16 +1035,23 @@ class Engine:
         latest = {}
         version = self.weights_version
         future = None
+        levels = result.intervals
         for j, entity in enumerate(result.entities):
             if not result.valid[j]:
                 continue
+            lower, upper = result.lower[j], result.upper[j]  # [H, L]
             value = encode_forecast(
                 entity,
                 result.step,
                 float(result.ts[j]),
-                result.forecasts[j].tolist(),
+                result.published[j].tolist(),
                 result.levels[j].tolist(),
                 version,
+                model_forecast=result.forecasts[j].tolist(),
+                model_weight=result.weights[j].tolist(),
+                intervals=[
+                    (c, lower[:, i].tolist(), upper[:, i].tolist()) for i, c in enumerate(levels)
+                ],
             )
             future = self.io.send_forecast(entity, value)
             latest[entity] = value
@@ -1071,7 +1088,7 @@ class Engine:
         return min(candidates) if candidates else None
 
     def _extra(self) -> bytes:
-        arrays = self.core.prequential.export_arrays()
+        arrays = self.core.prequential.export_arrays() | self.core.combiner.export_arrays()
         if self.core.learner is not None:
             arrays["learner"] = np.frombuffer(self.core.learner.export_state(), np.uint8)
         return pack_arrays(arrays)

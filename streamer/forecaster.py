@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from .aligner import AddStatus, Batch, StepAligner
+from .combiner import Combiner
 from .config import Config
 from .errors import CapacityError, EventError, Reason
 from .events import Event, EventParser, step_of
@@ -29,14 +30,18 @@ from .state.format import NO_STEP, RowLayout
 class StepResult:
     """The forecasts of one closed step, one row per entity that reported in it.
 
-    `forecasts[j, k]` is the forecast for step `step + k + 1` of entity `entities[j]` in the
-    target's transformed units (e.g. log-returns); `levels[j, k]` is the same forecast in the
-    target's own units (e.g. a price). `valid[j]` is False while an entity warms up (its
-    first event under a diff/log_return transform): its state did not move and its forecast
-    carries no information yet. `rejected[j]` is True when the step would have made the
-    entity's state or forecast non-finite: its state did not move (nor its last applied step),
-    it is not valid, its forecast is 0, and its event is to be dead-lettered (reason
-    non_finite_state).
+    `published[j, k]` is the forecast the engine publishes for step `step + k + 1` of entity
+    `entities[j]` in the target's transformed units (e.g. log-returns): the model's own
+    forecast `forecasts[j, k]` shrunk toward the naive one with the model's weight
+    `weights[j, k]` (combiner.py). `levels[j, k]` is the published forecast in the target's
+    own units (e.g. a price); `lower`/`upper[j, k, l]` bound it at coverage `intervals[l]`
+    (transformed units, NaN until the entity has an error scale).
+
+    `valid[j]` is False while an entity warms up (its first event under a diff/log_return
+    transform): its state did not move and its forecast carries no information yet.
+    `rejected[j]` is True when the step would have made the entity's state or forecast
+    non-finite: its state did not move (nor its last applied step), it is not valid, its
+    forecast is 0, and its event is to be dead-lettered (reason non_finite_state).
     """
 
     step: int
@@ -47,6 +52,11 @@ class StepResult:
     levels: np.ndarray
     valid: np.ndarray
     rejected: np.ndarray
+    published: np.ndarray
+    weights: np.ndarray
+    lower: np.ndarray
+    upper: np.ndarray
+    intervals: tuple[float, ...] = ()
 
 
 class Forecaster:
@@ -57,7 +67,20 @@ class Forecaster:
         self.aligner = StepAligner(config.stream, self.registry)
         self.model = StatefulLSTM(config, self.registry.capacity)
         self.prequential = Prequential(
-            self.registry.capacity, config.model.horizon, config.learn.prequential_halflife
+            self.registry.capacity,
+            config.model.horizon,
+            config.learn.prequential_halflife,
+            transform=config.stream.target_transform,
+            season=config.learn.season,
+            rolling=config.learn.prequential_rolling,
+            warmup=config.learn.prequential_warmup,
+        )
+        self.combiner = Combiner(
+            config.forecast,
+            self.registry.capacity,
+            config.model.horizon,
+            config.stream.target_transform,
+            mean_halflife=float(config.learn.prequential_rolling),
         )
         if config.model.init_weights:
             from .model_io import load_keras_weights
@@ -115,7 +138,8 @@ class Forecaster:
             mask = np.pad(mask, (0, pad))
         shadow = self.learner.shadow_step(x, mask) if self.learner is not None else None
         out = self.model.step(x, mask)
-        self.prequential.observe(out.forecasts, out.target, out.valid)
+        comb = self.combiner.step(out.forecasts, out.target, out.valid)
+        self.prequential.observe(out.forecasts, out.target, out.valid, published=comb.published)
         if self.learner is not None:
             self.learner.observe(out, shadow)
         rows = batch.slots
@@ -123,16 +147,21 @@ class Forecaster:
         moved = rows[~rejected]  # a rejected row's state did not move
         self.last_step[moved] = batch.step
         self._dirty.update(moved.tolist())
-        forecasts = out.forecasts[rows]
+        published = comb.published[rows]
         return StepResult(
             step=batch.step,
             entities=batch.entities,
             slots=rows,
             ts=batch.ts[rows],
-            forecasts=forecasts,
-            levels=self._levels(x[rows, self._target], forecasts),
+            forecasts=out.forecasts[rows],
+            levels=self._levels(x[rows, self._target], published),
             valid=out.valid[rows],
             rejected=rejected,
+            published=published,
+            weights=comb.weight[rows],
+            lower=comb.lower[rows],
+            upper=comb.upper[rows],
+            intervals=self.combiner.levels,
         )
 
     def reset_entity(self, entity: str) -> None:
@@ -168,6 +197,7 @@ class Forecaster:
 
     def _forget(self, slots: list[int]) -> None:
         self.prequential.forget_rows(slots)
+        self.combiner.forget_rows(slots)
         if self.learner is not None:
             self.learner.forget_rows(slots)
 
@@ -234,6 +264,7 @@ class Forecaster:
         if cap > self.model.capacity:
             self.model.grow(cap)
             self.prequential.grow(cap)
+            self.combiner.grow(cap)
             if self.learner is not None:
                 self.learner.grow(cap)
         if cap > len(self.last_step):

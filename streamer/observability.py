@@ -67,6 +67,15 @@ UPDATE_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 DEFAULT_LAG_REFRESH_S = 1.0
 BASELINE_PERSISTENCE = "persistence"
 BASELINE_ZERO = "zero_change"
+# The best naive forecast of each horizon (prequential.py picks it from the pooled MSEs).
+BASELINE_BEST = "best_naive"
+# `Prequential.summary()`'s baseline names -> the `baseline` label's values.
+NAIVE_LABELS = {
+    "zero": BASELINE_ZERO,
+    "persistence": BASELINE_PERSISTENCE,
+    "seasonal": "seasonal",
+    "rolling_mean": "rolling_mean",
+}
 
 
 class _FoldedHistogram:
@@ -369,7 +378,33 @@ class LearningMetrics:
         )
         self.skill = Gauge(
             _name("prequential_skill"),
-            "Pooled skill 1 - MSE/MSE_baseline, per horizon (> 0: the model beats it).",
+            "Pooled skill 1 - MSE/MSE_baseline of the published forecast, per horizon "
+            '(> 0: it beats the baseline; baseline="best_naive" is the headline).',
+            ["horizon", "baseline"],
+            registry=r,
+        )
+        self.model_skill = Gauge(
+            _name("prequential_model_skill"),
+            "Pooled skill 1 - MSE/MSE_best_naive of the model's own forecast, per horizon.",
+            ["horizon", "baseline"],
+            registry=r,
+        )
+        self.best_naive = Gauge(
+            _name("prequential_best_naive"),
+            "1 for the naive baseline with the lowest pooled MSE at this horizon, 0 for others.",
+            ["horizon", "baseline"],
+            registry=r,
+        )
+        self.dm_stat = Gauge(
+            _name("prequential_dm_statistic"),
+            "Diebold-Mariano statistic of the published forecast vs the best naive, per horizon "
+            "(< 0: the forecast is better).",
+            ["horizon", "baseline"],
+            registry=r,
+        )
+        self.dm_p_value = Gauge(
+            _name("prequential_dm_p_value"),
+            "Two-sided p-value of the Diebold-Mariano test vs the best naive, per horizon.",
             ["horizon", "baseline"],
             registry=r,
         )
@@ -402,23 +437,39 @@ class LearningMetrics:
     def record_prequential(self, summary: Iterable[Mapping[str, Any]]) -> None:
         """Per-horizon scores, as `Prequential.summary()` returns them.
 
-        Keys read per item: horizon, mae, rmse, mase, skill_vs_persistence, skill_vs_zero,
-        median_entity_skill, share_entities_beating_persistence. A missing or None value
-        exports NaN, so a horizon without scores does not keep an old figure.
+        Keys read per item: horizon, mae, rmse, mase; vs the best naive (label
+        baseline="best_naive"): skill, model_skill, median_entity_skill,
+        share_entities_beating_baseline, dm_stat, dm_p_value, best_naive (which baseline that
+        is); vs the fixed baselines: skill_vs_persistence, skill_vs_zero,
+        median_entity_skill_vs_persistence, share_entities_beating_persistence. A missing or
+        None value exports NaN, so a horizon without scores does not keep an old figure.
         """
+        best = BASELINE_BEST
         for item in summary:
             h = str(int(item["horizon"]))
             self.mae.labels(h).set(_num(item.get("mae")))
             self.rmse.labels(h).set(_num(item.get("rmse")))
             self.mase.labels(h).set(_num(item.get("mase")))
+            self.skill.labels(h, best).set(_num(item.get("skill")))
             self.skill.labels(h, BASELINE_PERSISTENCE).set(_num(item.get("skill_vs_persistence")))
             self.skill.labels(h, BASELINE_ZERO).set(_num(item.get("skill_vs_zero")))
+            self.model_skill.labels(h, best).set(_num(item.get("model_skill")))
+            self.dm_stat.labels(h, best).set(_num(item.get("dm_stat")))
+            self.dm_p_value.labels(h, best).set(_num(item.get("dm_p_value")))
+            self.median_entity_skill.labels(h, best).set(_num(item.get("median_entity_skill")))
             self.median_entity_skill.labels(h, BASELINE_PERSISTENCE).set(
-                _num(item.get("median_entity_skill"))
+                _num(item.get("median_entity_skill_vs_persistence"))
+            )
+            self.beating_share.labels(h, best).set(
+                _num(item.get("share_entities_beating_baseline"))
             )
             self.beating_share.labels(h, BASELINE_PERSISTENCE).set(
                 _num(item.get("share_entities_beating_persistence"))
             )
+            chosen = item.get("best_naive")
+            for name, label in NAIVE_LABELS.items():
+                flag = math.nan if chosen is None else float(chosen == name)
+                self.best_naive.labels(h, label).set(flag)
 
 
 def _num(value: Any) -> float:

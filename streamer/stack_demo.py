@@ -23,6 +23,7 @@ from .config import Config
 from .engine import Engine
 from .forecaster import StepResult
 from .kafka_io import KafkaIO, client_kwargs, ensure_topics
+from .prequential import headline
 from .produce import produce_synthetic
 from .services import EmbeddedStack
 from .state.redis_store import RedisStore
@@ -92,11 +93,10 @@ def run_stack_demo(
                 if result.valid[j]:
                     parts.append(f"{entity} next price {result.levels[j, 0]:.2f}")
         if parts:
-            quality = engine.core.prequential.summary("recent")[0].get("skill_vs_persistence")
-            skill = f"{quality:+.2f}" if quality is not None else "n/a"
+            quality = headline(engine.core.prequential.summary("recent")[0])
             print(
-                f"  step {engine.stats.steps} (weights v{engine.weights_version}, recent skill "
-                f"vs persistence {skill}): " + "; ".join(parts),
+                f"  step {engine.stats.steps} (weights v{engine.weights_version}, recent "
+                f"one-step {quality}): " + "; ".join(parts),
                 file=out,
                 flush=True,
             )
@@ -128,5 +128,7 @@ def run_stack_demo(
         else None,
         "prequential": engine.core.prequential.summary("total"),
     }
+    for row in summary["prequential"]:
+        print(f"  horizon {row['horizon']} over all steps: {headline(row)}", file=out)
     print("done:", json.dumps(summary), file=out, flush=True)
     return summary

@@ -38,10 +38,10 @@ def test_synthetic_stream_gives_one_forecast_per_entity_and_step():
         assert r.forecasts.shape == (10, 3) and np.isfinite(r.forecasts).all()
         # log_return: the first event of each entity only sets the previous price.
         assert r.valid.all() == (t > 0)
-        # Levels are prices compounding the forecast returns from this step's price.
+        # Levels are prices compounding the published returns from this step's price.
         idx = [int(e[3:]) for e in r.entities]
         np.testing.assert_allclose(
-            r.levels[:, 0], sim["price"][t, idx] * np.exp(r.forecasts[:, 0]), rtol=1e-5
+            r.levels[:, 0], sim["price"][t, idx] * np.exp(r.published[:, 0]), rtol=1e-5
         )
     assert core.registry.capacity == 16  # grew 4 -> 8 -> 16 without losing rows
 
@@ -136,5 +136,5 @@ def test_stream_config_diff_transform_levels_add_up():
         core.ingest({"entity": "A", "ts": 1.8e9 + t, "values": [100.0 + t, 0.0]})
     [*_, last] = core.advance() + core.flush()
     np.testing.assert_allclose(
-        last.levels[0], 102.0 + np.cumsum(last.forecasts[0].astype(np.float64)), rtol=1e-6
+        last.levels[0], 102.0 + np.cumsum(last.published[0].astype(np.float64)), rtol=1e-6
     )
