@@ -161,7 +161,7 @@ def test_alert_rules_cover_the_failure_modes():
         "StreamerConsumerLagGrowing",
         "StreamerCheckpointsFailing",
         "StreamerCheckpointStale",
-        "StreamerForecastsWorseThanPersistence",
+        "StreamerForecastsWorseThanNaive",
         "StreamerDeadLetterRateHigh",
     ):
         assert alert in rules
