@@ -326,10 +326,13 @@ class Engine:
         self.stats.last_checkpoint_at = started
         try:
             while not self._stop.is_set():
-                records = self.io.poll(0 if self._work_left else None)
+                behind = self._work_left  # steps were left for after this poll: a backlog
+                records = self.io.poll(0 if behind else None)
                 now = self._last_poll_at = time.monotonic()
-                # A poll that did not fill up means the engine is keeping pace with the stream.
-                self._live = len(records) < self.config.kafka.max_poll_records
+                # A poll that did not fill up, with no steps left over from the last round,
+                # means the engine is keeping pace with the stream. (A poll with timeout 0
+                # returns whatever was fetched: short, but the engine is behind.)
+                self._live = not behind and len(records) < self.config.kafka.max_poll_records
                 if self._pending:
                     self._restore_pending()
                 watermark_from = self._watermark_partitions(now)
