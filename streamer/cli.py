@@ -28,6 +28,16 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _seed_list(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated seeds, got {text!r}") from None
+    if not values or any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected non-negative integers, got {text!r}")
+    return values
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -36,6 +46,36 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+def _column_spec(text: str) -> tuple[str, str]:
+    from .csv_source import parse_column_spec
+
+    try:
+        return parse_column_spec(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _csv_options(p: argparse.ArgumentParser) -> None:
+    """How a CSV file is read (`streamer.csv_source`): shared by `produce csv` and pretrain."""
+    p.add_argument(
+        "--column",
+        action="append",
+        type=_column_spec,
+        default=[],
+        metavar="FIELD=COLUMN",
+        help="read ts, entity or a feature from this CSV column (repeatable; column names "
+        'match case-insensitively), e.g. --column ts=Date --column price="Adj Close"',
+    )
+    p.add_argument(
+        "--entity", metavar="NAME", help="the entity of a single-series file (no entity column)"
+    )
+    p.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="skip bad rows and report them by reason at the end (default: stop at the first)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,8 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--shift-at", type=int, help="step of a regime shift in the dynamics")
     csv_p = produce_sub.add_parser("csv", help="replay a long-format CSV (entity, time, features)")
     csv_p.add_argument("file")
-    csv_p.add_argument("--entity-column", default="entity")
-    csv_p.add_argument("--time-column", default="ts")
+    _csv_options(csv_p)
+    csv_p.add_argument("--entity-column", help="same as --column entity=COLUMN")
+    csv_p.add_argument("--time-column", help="same as --column ts=COLUMN")
     csv_p.add_argument(
         "--rate", type=float, help="events per second (default: as fast as possible)"
     )
@@ -85,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("csv")
     pre.add_argument("--out", required=True, help="the .keras file to write")
     pre.add_argument("--passes", type=_positive_int, default=1)
+    _csv_options(pre)
 
     demo = sub.add_parser(
         "demo", help="the whole product on the embedded stack: broker, Redis, producer, engine"
@@ -113,10 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--seed", type=int, default=0)
     step.add_argument("--budget", type=float, default=3.0, help="seconds per measurement")
     step.add_argument("--json", action="store_true", help="JSON only (default prints JSON too)")
-    learn = bench_sub.add_parser("learn", help="online learning on known dynamics with a shift")
-    learn.add_argument("--entities", type=_positive_int, default=400)
-    learn.add_argument("--steps", type=_positive_int, default=3000)
-    learn.add_argument("--seed", type=int, default=0)
+    learn = bench_sub.add_parser(
+        "learn", help="online learning on a matrix of worlds with known oracles"
+    )
+    learn.add_argument("--worlds", help="comma-separated world families (default: the matrix)")
+    learn.add_argument("--seeds", type=_seed_list, help="seeds (default: 0,1,2)")
+    learn.add_argument("--seed", type=int, help="one seed (same as --seeds N)")
+    learn.add_argument("--entities", type=_positive_int, default=200)
+    learn.add_argument("--steps", type=_positive_int, default=2000)
     learn.add_argument("--json", action="store_true", help="JSON only (default prints JSON too)")
     gpu = bench_sub.add_parser("gpu", help="step and training on the GPU beside the CPU")
     gpu.add_argument("--entities", type=_int_list, default=[400, 10_000, 100_000])
@@ -138,6 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
     precision.add_argument(
         "--json", action="store_true", help="JSON only (default prints JSON too)"
     )
+    combine = bench_sub.add_parser(
+        "combine",
+        help="the published combination vs zero change on unlearnable and learnable worlds",
+    )
+    combine.add_argument("--seeds", type=_positive_int, default=20, help="seeds per world")
+    combine.add_argument("--entities", type=_positive_int, default=20, help="entities per seed")
+    combine.add_argument("--steps", type=_positive_int, default=2000, help="steps per seed")
     e2e = bench_sub.add_parser("e2e", help="the engine end to end vs bare Kafka baselines")
     e2e.add_argument("--entities", type=_positive_int, default=400)
     e2e.add_argument("--steps", type=_positive_int, default=2000)
@@ -147,9 +200,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _columns(specs: Sequence[tuple[str, str]]) -> dict[str, str]:
+    """--column pairs as a mapping; naming one field twice is a usage error."""
+    out: dict[str, str] = {}
+    for name, column in specs:
+        if out.get(name, column) != column:
+            raise ValueError(f"--column {name} is mapped to {out[name]!r} and to {column!r}")
+        out[name] = column
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        columns = _columns(getattr(args, "column", None) or [])
+    except ValueError as exc:
+        parser.error(str(exc))
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -179,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return EXIT_OK
         if args.command == "produce":
-            from .produce import produce_csv, produce_synthetic
+            from .produce import produce_synthetic, replay_csv
 
             if args.source == "synthetic":
                 n = produce_synthetic(
@@ -191,20 +258,34 @@ def main(argv: Sequence[str] | None = None) -> int:
                     shift_at=args.shift_at,
                 )
             else:
-                n = produce_csv(
+                report = replay_csv(
                     config,
                     args.file,
+                    columns=columns,
+                    entity=args.entity,
                     entity_column=args.entity_column,
                     time_column=args.time_column,
+                    skip_bad=args.skip_bad,
                     rate=args.rate,
                 )
+                head = {"produced": report.sent, "topic": config.kafka.input_topic}
+                print(json.dumps({**head, **report.to_dict()}))
+                return EXIT_OK
             print(json.dumps({"produced": n, "topic": config.kafka.input_topic}))
             return EXIT_OK
         if args.command == "model":
             from .model_io import export_keras, pretrain
 
             if args.model_cmd == "pretrain":
-                path = export_keras(pretrain(config, args.csv, passes=args.passes), args.out)
+                model = pretrain(
+                    config,
+                    args.csv,
+                    passes=args.passes,
+                    columns=columns,
+                    entity=args.entity,
+                    skip_bad=args.skip_bad,
+                )
+                path = export_keras(model, args.out)
             else:
                 from .forecaster import Forecaster
 
@@ -263,11 +344,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "bench" and args.bench == "learn":
             from .benchmarks import learn as bench_learn
 
-            print(
-                json.dumps(
-                    bench_learn.run(entities=args.entities, steps=args.steps, seed=args.seed)
-                )
+            seeds = args.seeds or ([args.seed] if args.seed is not None else None)
+            result = bench_learn.run(
+                worlds=args.worlds.split(",") if args.worlds else bench_learn.DEFAULT_WORLDS,
+                seeds=seeds or bench_learn.DEFAULT_SEEDS,
+                entities=args.entities,
+                steps=args.steps,
+                # The learner's settings come from the config (file, STREAMER_LEARN_*).
+                learn=config.learn,
             )
+            print(json.dumps(result))
             return EXIT_OK
         if args.command == "bench" and args.bench == "precision":
             from .benchmarks import precision as bench_precision
@@ -280,6 +366,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             print(json.dumps(result))
             return EXIT_OK
+        if args.command == "bench" and args.bench == "combine":
+            from .benchmarks import combine as bench_combine
+
+            print(
+                json.dumps(
+                    bench_combine.run(seeds=args.seeds, entities=args.entities, steps=args.steps)
+                )
+            )
+            return 0
         if args.command == "bench" and args.bench == "e2e":
             from .benchmarks import e2e as bench_e2e
 

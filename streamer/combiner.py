@@ -42,6 +42,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from statistics import NormalDist
+from typing import Any
 
 import numpy as np
 
@@ -66,6 +67,27 @@ def candidates_for(transform: str) -> tuple[str, ...]:
 
 
 class Combiner:
+    s_uu: np.ndarray
+    s_uv: np.ndarray
+    s_q: np.ndarray
+    naive_d: np.ndarray
+    naive_dd: np.ndarray
+    n_eff: np.ndarray
+    n_sq: np.ndarray
+    count: np.ndarray
+    sq_err: np.ndarray
+    scale_n: np.ndarray
+    mult: np.ndarray
+    last: np.ndarray
+    mean: np.ndarray
+    seen: np.ndarray
+    r_model: np.ndarray
+    r_naive: np.ndarray
+    r_published: np.ndarray
+    r_lower: np.ndarray
+    r_upper: np.ndarray
+    r_valid: np.ndarray
+
     # Per-row arrays (slot axis first) and what a fresh row holds.
     _ROWS = (
         "s_uu",  # [S, C, H] forgotten sum of u^2 per naive candidate
@@ -287,10 +309,10 @@ class Combiner:
 
     # ------------------------------------------------------------------ reports
 
-    def summary(self) -> list[dict[str, object]]:
+    def summary(self) -> list[dict[str, Any]]:
         """Per horizon: the mean model weight, the naive candidates in use and, per level,
         coverage, mean width and interval score (pooled over rows)."""
-        out: list[dict[str, object]] = []
+        out: list[dict[str, Any]] = []
         choice = self.choice()
         weights = self.weights(choice)
         for col in range(self.horizon):

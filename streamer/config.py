@@ -380,7 +380,10 @@ class LearnConfig:
     enabled: bool = False
     window: int = 64  # batches (closed steps) per truncated-BPTT window
     update_every: int = 8  # batches between updates
-    learning_rate: float = 5e-3
+    # 1e-2 (was 5e-3): lower ratio to the oracle and faster recovery on every world of
+    # `bench learn` (docs/benchmarks.md, "Learning on several worlds"); 2e-2 set off
+    # rollbacks early in a run.
+    learning_rate: float = 1e-2
     clipnorm: float = 1.0
     loss: LossName = "mse"
     # After an update, replay the window with the new weights from the stored window-start
@@ -391,8 +394,31 @@ class LearnConfig:
     # Updates wait while a comparison runs, so keep shadow_steps < update_every.
     shadow_steps: int = 4
     rollback_threshold: float = 0.25
+    # Drift detection, off by default (docs/benchmarks.md, "Learning on several worlds"): a
+    # Page-Hinkley test for an increase of x = log(SE_model / SE_naive), the pooled one-step
+    # squared error of a batch over the naive forecast's (zero change for diff/log_return,
+    # the last value for none), which volatility moves little. `drift_delta` is the drift
+    # it tolerates, `drift_threshold` the alarm level (both in units of x), tested after
+    # `drift_min_batches` batches since the start or the last alarm. On an alarm the next
+    # `drift_updates` updates run at `drift_boost` x the learning rate, and with
+    # `drift_reset_moments` Adam's moments restart.
+    drift_detection: bool = False
+    drift_delta: float = 0.05
+    drift_threshold: float = 2.0
+    drift_min_batches: int = 30
+    drift_boost: float = 4.0
+    drift_updates: int = 8
+    drift_reset_moments: bool = False
     # Exponential forgetting of the prequential scores, in batches.
     prequential_halflife: float = 200.0
+    # Scored forecasts of each entity (per horizon) left out of every prequential figure:
+    # a fresh state and a short history forecast nothing yet.
+    prequential_warmup: int = 20
+    # Window of the rolling-mean naive baseline, in the entity's observations.
+    prequential_rolling: int = 20
+    # Seasonal period of the target in steps, for the seasonal-persistence baseline of a
+    # level target (target_transform "none"); 0: no seasonal baseline.
+    season: int = 0
     # Weight versions kept in the store.
     keep_versions: int = 5
 
@@ -403,7 +429,15 @@ class LearnConfig:
         _positive("learn.clipnorm", self.clipnorm)
         _non_negative("learn.shadow_steps", self.shadow_steps)
         _non_negative("learn.rollback_threshold", self.rollback_threshold)
+        _non_negative("learn.drift_delta", self.drift_delta)
+        _positive("learn.drift_threshold", self.drift_threshold)
+        _non_negative("learn.drift_min_batches", self.drift_min_batches)
+        _positive("learn.drift_boost", self.drift_boost)
+        _non_negative("learn.drift_updates", self.drift_updates)
         _positive("learn.prequential_halflife", self.prequential_halflife)
+        _non_negative("learn.prequential_warmup", self.prequential_warmup)
+        _positive("learn.prequential_rolling", self.prequential_rolling)
+        _non_negative("learn.season", self.season)
         _positive("learn.keep_versions", self.keep_versions)
         if self.update_every > self.window:
             raise ConfigError(
@@ -432,6 +466,39 @@ class HttpConfig:
 
 
 @dataclass(frozen=True)
+class ForecastConfig:
+    """What is published: the model shrunk toward the naive forecast, and its intervals."""
+
+    # Publish naive + w * (model - naive) with w learned from realised errors (combiner.py);
+    # false publishes the model's own forecast (w = 1).
+    combine: bool = True
+    # Forgetting of the shrinkage sums, in observations of one entity.
+    combine_halflife: float = 500.0
+    # Realised pairs an entity needs before its model forecast gets any weight.
+    combine_min_count: int = 50
+    # Only model-naive covariance beyond this many standard errors of zero earns weight.
+    combine_threshold: float = 2.0
+    # Coverage levels of the published prediction intervals; empty: none.
+    intervals: tuple[float, ...] = (0.8, 0.95)
+    # Forgetting of the squared errors that scale the intervals (follows volatility).
+    interval_halflife: float = 50.0
+    # Step of the adaptive conformal multiplier (larger: faster, noisier).
+    interval_gamma: float = 0.05
+
+    def __post_init__(self) -> None:
+        _positive("forecast.combine_halflife", self.combine_halflife)
+        _non_negative("forecast.combine_min_count", self.combine_min_count)
+        _non_negative("forecast.combine_threshold", self.combine_threshold)
+        _positive("forecast.interval_halflife", self.interval_halflife)
+        _positive("forecast.interval_gamma", self.interval_gamma)
+        for c in self.intervals:
+            if not 0.0 < c < 1.0:
+                raise ConfigError("forecast.intervals", f"coverage {c} is not in (0, 1)")
+        if len(set(self.intervals)) != len(self.intervals):
+            raise ConfigError("forecast.intervals", f"duplicate levels in {list(self.intervals)}")
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything streamer reads from its configuration, typed and validated."""
 
@@ -442,6 +509,7 @@ class Config:
     redis: RedisConfig = field(default_factory=RedisConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     learn: LearnConfig = field(default_factory=LearnConfig)
+    forecast: ForecastConfig = field(default_factory=ForecastConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
 
     @property

@@ -19,6 +19,12 @@ the shadow's (which are exactly what the old weights would have produced).
 
 The learner works in batches (closed steps): horizons and windows count batches.
 
+Drift detection (`learn.drift_detection`, off by default): a Page-Hinkley test watches
+x = log(SE_model / SE_naive), the pooled one-step squared error of each batch over the naive
+forecast's (scale-free, so volatility clusters move it little; a regime shift raises it).
+On an alarm the next `drift_updates` updates run at `drift_boost` x the learning rate and,
+with `drift_reset_moments`, Adam's moments restart; the test then starts afresh.
+
 The window lives where the model runs (`model.WindowRing`, written by the step itself), as do
 the stored window-start states; an update reads, trains, applies and replays there, so the
 host only sees three scalars per update and the window crosses only in checkpoints.
@@ -51,6 +57,7 @@ class LearnStats:
     last_loss: float = float("nan")
     update_ms: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
+    drift_alarms: list[int] = field(default_factory=list)  # batch counts of the alarms
 
 
 @dataclass
@@ -66,6 +73,23 @@ class _Shadow:
     prev_new: np.ndarray | None = None
     prev_old: np.ndarray | None = None
     prev_valid: np.ndarray | None = None
+
+
+@dataclass
+class _Drift:
+    """Page-Hinkley state on x = log(SE_model / SE_naive), one x per batch."""
+
+    n: int = 0  # batches since the start or the last alarm
+    mean: float = 0.0
+    cum: float = 0.0
+    low: float = 0.0
+    boost_left: int = 0  # updates still to run at the boosted learning rate
+    prev_forecast: np.ndarray | None = None
+    prev_target: np.ndarray | None = None
+    prev_valid: np.ndarray | None = None
+
+    def restart(self) -> None:
+        self.n, self.mean, self.cum, self.low = 0, 0.0, 0.0, 0.0
 
 
 def _fit_rows(a: np.ndarray, rows: int, axis: int = 0, fill: float = 0.0) -> np.ndarray:
@@ -102,6 +126,8 @@ class OnlineLearner:
         self._shadow: _Shadow | None = None
         self._shadow_model: StatefulLSTM | None = None  # reused: building one compiles a step
         self.on_update: Any = None  # callback(version, weights) after an accepted update
+        self._drift = _Drift()
+        self._naive_is_last = config.stream.target_transform == "none"
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -132,6 +158,11 @@ class OnlineLearner:
                 snap[i] = (tf.pad(h, ((0, pad), (0, 0))), tf.pad(c, ((0, pad), (0, 0))))
         if self._shadow_model is not None:
             self._shadow_model.grow(capacity)
+        d = self._drift
+        if d.prev_valid is not None and d.prev_forecast is not None and d.prev_target is not None:
+            d.prev_forecast = _fit_rows(d.prev_forecast, capacity)
+            d.prev_target = _fit_rows(d.prev_target, capacity)
+            d.prev_valid = _fit_rows(d.prev_valid, capacity).astype(bool)
         self._trace()
 
     def forget_rows(self, slots: list[int] | np.ndarray) -> None:
@@ -146,6 +177,8 @@ class OnlineLearner:
                 snap[i] = (tf.where(keep, h, 0.0), tf.where(keep, c, 0.0))
         if self._shadow is not None:
             self._shadow.model.reset_rows(idx)
+        if self._drift.prev_valid is not None:
+            self._drift.prev_valid[idx] = False
 
     def export_weights(self) -> bytes:
         """This version's weights and optimizer state as one blob (state/format.py)."""
@@ -198,6 +231,14 @@ class OnlineLearner:
             if sh.prev_valid is not None and sh.prev_new is not None and sh.prev_old is not None:
                 a["shadow_prev"] = np.stack([sh.prev_new, sh.prev_old]).view(np.int64)
                 a["shadow_prev_valid"] = sh.prev_valid
+        if self.cfg.drift_detection:
+            d = self._drift
+            a["drift_counters"] = np.array([d.n, d.boost_left], np.int64)
+            a["drift_sums"] = np.array([d.mean, d.cum, d.low], np.float64).view(np.int64)
+            if d.prev_valid is not None and d.prev_forecast is not None:
+                assert d.prev_target is not None
+                a["drift_prev"] = np.stack([d.prev_forecast, d.prev_target]).view(np.int64)
+                a["drift_prev_valid"] = d.prev_valid
         return pack_arrays(a)
 
     def import_state(self, blob: bytes) -> None:
@@ -261,6 +302,15 @@ class OnlineLearner:
                     sh.prev_new, sh.prev_old = prev[0].copy(), prev[1].copy()
                     sh.prev_valid = _fit_rows(a["shadow_prev_valid"], cap).astype(bool)
                 self._shadow = sh
+            self._drift = _Drift()
+            if self.cfg.drift_detection and "drift_counters" in a:
+                d = self._drift
+                d.n, d.boost_left = map(int, a["drift_counters"])
+                d.mean, d.cum, d.low = map(float, a["drift_sums"].view(np.float64))
+                if "drift_prev" in a:
+                    prev = _fit_rows(a["drift_prev"].view(np.float64), cap, axis=1)
+                    d.prev_forecast, d.prev_target = prev[0].copy(), prev[1].copy()
+                    d.prev_valid = _fit_rows(a["drift_prev_valid"], cap).astype(bool)
         except KeyError as exc:
             raise StateError(f"learner state lacks {exc}") from None
 
@@ -276,6 +326,8 @@ class OnlineLearner:
         """Record one batch; train when due; judge a pending shadow comparison."""
         if self._shadow is not None and shadow_forecast is not None:
             self._judge(out, shadow_forecast)
+        if self.cfg.drift_detection:
+            self._watch_drift(out)
         w = self.cfg.window
         self.batches += 1  # the step itself recorded the batch in the window
         n = self.batches
@@ -285,6 +337,50 @@ class OnlineLearner:
             self.update()
         for key in [k for k in self._snapshots if k < n - w]:
             del self._snapshots[key]
+
+    # ------------------------------------------------------------------ drift
+
+    def _watch_drift(self, out: StepOutput) -> None:
+        """Score the previous batch's one-step forecasts; Page-Hinkley on their x."""
+        d = self._drift
+        target = out.target.astype(np.float64)
+        if d.prev_valid is not None and d.prev_forecast is not None and d.prev_target is not None:
+            ok = d.prev_valid & out.valid
+            if ok.any():
+                actual = target[ok]
+                naive = d.prev_target[ok] if self._naive_is_last else 0.0
+                se_model = float(np.sum((d.prev_forecast[ok] - actual) ** 2))
+                se_naive = float(np.sum((naive - actual) ** 2))
+                tiny = 1e-300
+                self._page_hinkley(float(np.log((se_model + tiny) / (se_naive + tiny))))
+        d.prev_forecast = out.forecasts[:, 0].astype(np.float64)
+        d.prev_target = target
+        d.prev_valid = out.valid.copy()
+
+    def _page_hinkley(self, x: float) -> None:
+        d, cfg = self._drift, self.cfg
+        d.n += 1
+        d.mean += (x - d.mean) / d.n
+        d.cum += x - d.mean - cfg.drift_delta
+        d.low = min(d.low, d.cum)
+        if d.n < cfg.drift_min_batches or d.cum - d.low <= cfg.drift_threshold:
+            return
+        log.info(
+            "drift detected at batch %d (Page-Hinkley %.3g): %d updates at %.3g x the "
+            "learning rate%s",
+            self.batches + 1,
+            d.cum - d.low,
+            cfg.drift_updates,
+            cfg.drift_boost,
+            ", Adam's moments reset" if cfg.drift_reset_moments else "",
+        )
+        self.stats.drift_alarms.append(self.batches + 1)
+        d.boost_left = cfg.drift_updates
+        d.restart()
+        if cfg.drift_reset_moments:
+            for var in self.optimizer.variables:
+                if not var.path.endswith("learning_rate"):
+                    var.assign(np.zeros(var.shape, var.dtype))
 
     # ------------------------------------------------------------------ training
 
@@ -382,6 +478,11 @@ class OnlineLearner:
         old_weights = self.model.get_weights()
         old_opt = [np.array(v.numpy()) for v in self.optimizer.variables]
         old_states = self._live_states()
+        if self.cfg.drift_detection:
+            boosted = self._drift.boost_left > 0
+            rate = self.cfg.learning_rate * (self.cfg.drift_boost if boosted else 1.0)
+            self.optimizer.learning_rate.assign(rate)
+            self._drift.boost_left -= int(boosted)
         self.optimizer.apply(grads, self.model.weights)
         if self.cfg.refresh_states:
             self._refresh_fn(start)

@@ -164,7 +164,7 @@ def test_persistence_of_the_last_change_replaces_zero_where_it_is_clearly_better
     y = np.zeros((steps, n))
     for t in range(1, steps):
         y[t] = 0.9 * y[t - 1] + 0.001 * rng.standard_t(4, n)
-    comb, out = run(np.zeros_like(y), y)  # a model with nothing to say
+    _, out = run(np.zeros_like(y), y)  # a model with nothing to say
     assert (out[-1].naive[:, 0] == 1).all()  # persistence
     pub = np.array([o.published[:, 0] for o in out])
     zero = (y[101:] ** 2).mean()
