@@ -13,19 +13,9 @@ import math
 import numpy as np
 import pytest
 
+from streamer.benchmarks.combine import garch_t
 from streamer.combiner import Combiner
 from streamer.config import ForecastConfig
-
-
-def garch_t(rng: np.random.Generator, steps: int, n: int) -> np.ndarray:
-    df, omega, a, b = 4, 0.05, 0.1, 0.85
-    z = rng.standard_t(df, (steps, n)) / math.sqrt(df / (df - 2))
-    h = np.full(n, omega / (1 - a - b))
-    r = np.zeros((steps, n))
-    for t in range(steps):
-        r[t] = np.sqrt(h) * z[t]
-        h = omega + a * r[t] ** 2 + b * h
-    return 0.01 * r
 
 
 def run(model_f, y, cfg=None, transform="log_return", valid=None):
