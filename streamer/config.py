@@ -380,10 +380,10 @@ class LearnConfig:
     enabled: bool = False
     window: int = 64  # batches (closed steps) per truncated-BPTT window
     update_every: int = 8  # batches between updates
-    # 1e-2 (was 5e-3): lower ratio to the oracle and faster recovery on every world of
-    # `bench learn` (docs/benchmarks.md, "Learning on several worlds"); 2e-2 set off
-    # rollbacks early in a run.
-    learning_rate: float = 1e-2
+    # 1e-2 looked better on some worlds of `bench learn`, but the full matrix has not been
+    # run and it doubled the float round-off between two runs of one stream (the exactly-once
+    # tests hold forecasts and states to 1e-6): kept at 5e-3 until it is measured.
+    learning_rate: float = 5e-3
     clipnorm: float = 1.0
     loss: LossName = "mse"
     # After an update, replay the window with the new weights from the stored window-start
