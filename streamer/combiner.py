@@ -16,7 +16,7 @@ soft threshold as below).
 only from realised targets (delayed labels: the forecast made at batch j for horizon k is
 paired with the actual of batch j + k):
 
-    u = model - naive,  v = actual - naive,  w = clip((S_uv - k * se(S_uv)) / S_uu, 0, 1)
+    u = model - naive,  v = actual - naive,  w_i = clip((S_uv - k * se(S_uv)) / S_uu, 0, 1)
 
 with exponentially forgotten sums per entity and candidate (`forecast.combine_halflife`
 observations of that entity). k (`forecast.combine_threshold`, default 2) is a soft
@@ -25,6 +25,13 @@ standard error is estimated from the products u * v themselves, so heavy tails a
 clusters widen it), and the noise of the sums costs next to nothing when the model has no
 skill. Until an entity has `forecast.combine_min_count` realised pairs, w = 0: the naive
 forecast is published. A diverging model (huge u) gets no weight.
+
+One entity's sums are noisy (the threshold alone caps a perfect model's weight near
+1 - k / sqrt(n)), so with `forecast.combine_pool` (default) each entity's weight is shrunk
+toward the weight of all ready entities together (`_pooled_weights`: empirical Bayes, the
+entities' spread of weights beyond their sampling noise as the prior's variance): entities
+alike in how much the model helps them get the pooled weight, whose noise shrinks with the
+number of entities; entities that really differ keep their own thresholded estimate.
 
 Intervals. For every coverage level c (`forecast.intervals`, default 80% and 95%) the
 interval is published +- m * scale, with `scale` the square root of an exponentially
@@ -245,9 +252,52 @@ class Combiner:
         # margin even for a strong model (w <= 1 - k / sqrt(n)); centring it made the
         # threshold too thin on unlearnable streams.
         n = np.maximum(self.n_eff, _EPS)
-        noise = self.cfg.combine_threshold * np.sqrt(s_q / n * self.n_sq)
-        w = np.clip((s_uv - noise) / (s_uu + _EPS), 0.0, 1.0)
-        return np.where(self.count >= self.cfg.combine_min_count, w, 0.0)
+        var_uv = s_q / n * self.n_sq  # the variance of s_uv
+        k = self.cfg.combine_threshold
+        ready = self.count >= self.cfg.combine_min_count
+        if not self.cfg.combine_pool:
+            w = np.clip((s_uv - k * np.sqrt(var_uv)) / (s_uu + _EPS), 0.0, 1.0)
+            return np.where(ready, w, 0.0)
+        return np.where(ready, self._pooled_weights(s_uu, s_uv, var_uv, ready), 0.0)
+
+    def _pooled_weights(
+        self, s_uu: np.ndarray, s_uv: np.ndarray, var_uv: np.ndarray, ready: np.ndarray
+    ) -> np.ndarray:
+        """Per-entity weights shrunk toward the weight of all entities together [S, H].
+
+        Pooled over the ready rows of a horizon, w_pool = clip((S_uv - k sqrt(V)) / S_uu,
+        0, 1) with V the sum of the rows' variances: its noise shrinks like 1 / sqrt(rows),
+        so a model good for every entity earns nearly full weight, and one good for none
+        earns none. Each row's own estimate w_i = s_uv / s_uu (sampling variance
+        var_uv / s_uu^2) is combined with w_pool by precision, with the spread of the true
+        weights between entities, tau^2 (method of moments: the variance of the w_i beyond
+        their sampling variance), as the prior's variance; then thresholded again by k of
+        its posterior standard deviations. Alike entities (tau^2 ~ 0) get w_pool; very
+        different ones keep their own soft-thresholded estimate.
+        """
+        k = self.cfg.combine_threshold
+        out = np.zeros_like(s_uu)
+        for col in range(self.horizon):
+            rows = np.flatnonzero(ready[:, col] & (s_uu[:, col] > 0))
+            if not rows.size:
+                continue
+            uu, uv, var = s_uu[rows, col], s_uv[rows, col], var_uv[rows, col]
+            total_uu = float(uu.sum())
+            w_pool = float(np.clip((uv.sum() - k * np.sqrt(var.sum())) / total_uu, 0.0, 1.0))
+            raw = uv / uu
+            var_raw = np.maximum(var / (uu * uu), _EPS)
+            if rows.size >= 3:
+                spread = float(np.mean((raw - uv.sum() / total_uu) ** 2))
+                tau2 = max(spread - float(np.mean(var_raw)), 0.0)
+            else:
+                tau2 = 0.0
+            if tau2 <= 0.0:
+                out[rows, col] = w_pool
+                continue
+            precision = 1.0 / var_raw + 1.0 / tau2
+            post = (raw / var_raw + w_pool / tau2) / precision
+            out[rows, col] = np.clip(post - k / np.sqrt(precision), 0.0, 1.0)
+        return out
 
     def _naive_now(self) -> np.ndarray:
         """Each candidate's forecast for every horizon, from what is known now [S, C, H]."""

@@ -378,13 +378,18 @@ class LearnConfig:
     """Online learning: periodic truncated-BPTT updates on the most recent window."""
 
     enabled: bool = False
-    window: int = 64  # batches (closed steps) per truncated-BPTT window
-    update_every: int = 8  # batches between updates
-    # 1e-2 looked better on some worlds of `bench learn`, but the full matrix has not been
-    # run and it doubled the float round-off between two runs of one stream (the exactly-once
-    # tests hold forecasts and states to 1e-6): kept at 5e-3 until it is measured.
-    learning_rate: float = 5e-3
+    # Defaults chosen on `streamer bench learn`'s matrix of worlds (docs/benchmarks.md,
+    # "Learning on several worlds"): a 32-step window adapts to a shift sooner than 64, and
+    # four passes over it at 1e-2 every 4 steps learn from scratch in a few hundred steps.
+    window: int = 32  # batches (closed steps) per truncated-BPTT window
+    update_every: int = 4  # batches between updates
+    learning_rate: float = 1e-2
     clipnorm: float = 1.0
+    # Gradient steps per update over the same window (one weights version either way).
+    epochs: int = 4
+    # Train from the first `update_every` batches on, before the window has filled (from
+    # the zero initial states); off: the first update waits for a full window.
+    early_updates: bool = True
     loss: LossName = "mse"
     # After an update, replay the window with the new weights from the stored window-start
     # states, so the live states match the weights that will use them ("burn-in").
@@ -392,7 +397,7 @@ class LearnConfig:
     # Shadow comparison: an update whose next `shadow_steps` one-step errors are more than
     # `rollback_threshold` (relative) worse than the previous weights' is rolled back. 0: off.
     # Updates wait while a comparison runs, so keep shadow_steps < update_every.
-    shadow_steps: int = 4
+    shadow_steps: int = 3
     rollback_threshold: float = 0.25
     # Drift detection, off by default (docs/benchmarks.md, "Learning on several worlds"): a
     # Page-Hinkley test for an increase of x = log(SE_model / SE_naive), the pooled one-step
@@ -427,6 +432,7 @@ class LearnConfig:
         _positive("learn.update_every", self.update_every)
         _positive("learn.learning_rate", self.learning_rate)
         _positive("learn.clipnorm", self.clipnorm)
+        _positive("learn.epochs", self.epochs)
         _non_negative("learn.shadow_steps", self.shadow_steps)
         _non_negative("learn.rollback_threshold", self.rollback_threshold)
         _non_negative("learn.drift_delta", self.drift_delta)
@@ -475,9 +481,12 @@ class ForecastConfig:
     # Forgetting of the shrinkage sums, in observations of one entity.
     combine_halflife: float = 500.0
     # Realised pairs an entity needs before its model forecast gets any weight.
-    combine_min_count: int = 50
+    combine_min_count: int = 20
     # Only model-naive covariance beyond this many standard errors of zero earns weight.
     combine_threshold: float = 2.0
+    # Shrink each entity's weight toward the weight of all entities together, by how much
+    # the entities' weights really differ (combiner.py); false: each entity on its own.
+    combine_pool: bool = True
     # Coverage levels of the published prediction intervals; empty: none.
     intervals: tuple[float, ...] = (0.8, 0.95)
     # Forgetting of the squared errors that scale the intervals (follows volatility).

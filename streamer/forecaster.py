@@ -87,6 +87,8 @@ class Forecaster:
 
             load_keras_weights(self.model, config.model.init_weights)
         self.learner = OnlineLearner(self.model, config) if config.learn.enabled else None
+        if self.learner is not None:
+            self.learner.row_keys = self.registry.items
         self._target = config.stream.target_index
         self._transform = config.stream.target_transform
         self._interval = config.stream.interval

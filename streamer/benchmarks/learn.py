@@ -62,6 +62,9 @@ DEFAULT_SEEDS: tuple[int, ...] = (0, 1, 2)
 # Targets from the issue: worst case over every world and seed.
 TARGET_RATIO = 1.15
 TARGET_RECOVERY = 300
+TARGET_UNLEARNABLE = 1.005  # published MSE / zero change's on the random walk (and DM < 1.96)
+TARGET_SKILL_KEPT = 0.95  # published skill vs zero / the model's, on learnable worlds
+TARGET_COVERAGE_POINTS = 2.0  # |coverage - nominal| of the published intervals, every case
 
 
 def feed(
@@ -138,31 +141,38 @@ def _entity_id(i: int) -> str:
     return f"SYN{i:05d}"
 
 
-def feed_world(
-    core: Forecaster, world: dict[str, Any], interval: float = 1.0
-) -> tuple[np.ndarray, np.ndarray | None]:
+def feed_world(core: Forecaster, world: dict[str, Any], interval: float = 1.0) -> dict[str, Any]:
     """Stream a world's present entity-steps through `core` as events.
 
-    Returns the one-step forecasts [steps, entities] made at each step (NaN where none) of
-    the model and, when the core publishes one, of the published forecast (else None).
+    Returns the one-step forecasts [steps, entities] made at each step (NaN where none):
+    "model" (the model's own) and, when the core publishes one, "published" with its
+    prediction intervals "lower"/"upper" [steps, entities, levels] at "levels" (else None).
     """
     price, signal, valid = world["price"], world["signal"], world["valid"]
     steps, n = price.shape
     ids = [_entity_id(i) for i in range(n)]
     base = int(DEFAULT_START_TS // interval)
+    levels = tuple(core.config.forecast.intervals)
     model = np.full((steps, n), np.nan)
     published = np.full((steps, n), np.nan)
+    lower = np.full((steps, n, len(levels)), np.nan)
+    upper = np.full((steps, n, len(levels)), np.nan)
     has_published = False
 
     def record(results: list[Any]) -> None:
         nonlocal has_published
         for r in results:
             idx = np.fromiter((int(e[3:]) for e in r.entities), dtype=np.int64)
-            model[r.step - base, idx] = np.where(r.valid, r.forecasts[:, 0], np.nan)
+            row = r.step - base
+            model[row, idx] = np.where(r.valid, r.forecasts[:, 0], np.nan)
             pub = getattr(r, "published", None)
             if pub is not None:
                 has_published = True
-                published[r.step - base, idx] = np.where(r.valid, pub[:, 0], np.nan)
+                published[row, idx] = np.where(r.valid, pub[:, 0], np.nan)
+                if len(levels) and r.lower.size:
+                    ok = r.valid[:, None]
+                    lower[row, idx] = np.where(ok, r.lower[:, 0, :], np.nan)
+                    upper[row, idx] = np.where(ok, r.upper[:, 0, :], np.nan)
 
     for t in range(steps):
         ts = DEFAULT_START_TS + (t + 0.5) * interval
@@ -170,7 +180,49 @@ def feed_world(
             core.ingest(Event(ids[i], ts, (float(price[t, i]), float(signal[t, i]))))
         record(core.advance())
     record(core.flush())
-    return model, published if has_published else None
+    return {
+        "model": model,
+        "published": published if has_published else None,
+        "lower": lower if has_published else None,
+        "upper": upper if has_published else None,
+        "levels": levels,
+    }
+
+
+def interval_scores(
+    world: dict[str, Any], fed: dict[str, Any], warmup: int = WARMUP
+) -> list[dict[str, Any]]:
+    """Per level: coverage of the published one-step intervals (made at t for t + 1), mean
+    width and the interval (Winkler) score, over the realised pairs from target `warmup` on
+    where the interval exists (an entity has no error scale before its first errors)."""
+    if fed["lower"] is None:
+        return []
+    ret, present = world["ret"], world["valid"]
+    actual = ret[1:]
+    pair = present[:-1] & present[1:]
+    pair[: max(warmup - 1, 0)] = False
+    out = []
+    for k, level in enumerate(fed["levels"]):
+        lo, hi = fed["lower"][:-1, :, k], fed["upper"][:-1, :, k]
+        ok = pair & np.isfinite(lo) & np.isfinite(hi)
+        y, lo, hi = actual[ok], lo[ok], hi[ok]
+        if not y.size:
+            out.append({"level": level, "pairs": 0, "coverage": None})
+            continue
+        alpha = 1.0 - level
+        score = (hi - lo) + (2.0 / alpha) * (np.maximum(lo - y, 0) + np.maximum(y - hi, 0))
+        coverage = float(np.mean((y >= lo) & (y <= hi)))
+        out.append(
+            {
+                "level": level,
+                "pairs": int(y.size),
+                "coverage": round(coverage, 4),
+                "gap_points": round(100.0 * (coverage - level), 2),
+                "mean_width": float(np.mean(hi - lo)),
+                "interval_score": float(np.mean(score)),
+            }
+        )
+    return out
 
 
 def frozen_forecasts(config: Config, world: dict[str, Any]) -> np.ndarray:
@@ -294,6 +346,22 @@ def _recovery(se: np.ndarray, se_oracle: np.ndarray, ref: int) -> int | None:
     return int(hit[0]) if hit.size else None
 
 
+def dm_statistic(se_a: np.ndarray, se_b: np.ndarray, pair: np.ndarray) -> float | None:
+    """Diebold-Mariano statistic of forecaster a against b on one-step squared errors
+    [T, N]: the per-step loss differential, averaged over the entities scored at that step,
+    over its standard error (one-step forecasts: no autocorrelation correction). Positive:
+    a is worse. None when fewer than 3 steps or no variation."""
+    n = pair.sum(axis=1)
+    rows = n > 0
+    if rows.sum() < 3:
+        return None
+    d = (se_a[rows] - se_b[rows]).sum(axis=1) / n[rows]
+    sd = float(d.std(ddof=1))
+    if sd == 0.0:
+        return None
+    return round(float(d.mean()) / (sd / float(np.sqrt(d.size))), 3)
+
+
 def score_case(
     world: dict[str, Any], forecasts: dict[str, np.ndarray], seen: np.ndarray
 ) -> dict[str, dict[str, Any]]:
@@ -319,6 +387,7 @@ def score_case(
     }
     se_zero_total = float(np.where(pair, actual**2, 0.0).sum())
     se_persist_total = float(np.where(pair, (made["persistence"] - actual) ** 2, 0.0).sum())
+    se_zero = np.where(pair, actual**2, 0.0)
     for name, f in made.items():
         se = np.where(pair, (f - actual) ** 2, 0.0)
         total = float(se.sum())
@@ -327,6 +396,7 @@ def score_case(
             "ratio_to_oracle": round(total / float(se_oracle.sum()), 4),
             "skill_vs_zero": round(1.0 - total / se_zero_total, 4),
             "skill_vs_persistence": round(1.0 - total / se_persist_total, 4),
+            "dm_vs_zero": dm_statistic(se, se_zero, pair),
         }
         if after is not None and shift_end is not None:
             fig["ratio_after_shift"] = round(
@@ -360,7 +430,8 @@ def run_case(
     config = _matrix_config(entities, dataclasses.replace(learn, enabled=True))
     core = Forecaster(config)
     t0 = time.perf_counter()
-    model, published = feed_world(core, world)
+    fed = feed_world(core, world)
+    model, published = fed["model"], fed["published"]
     elapsed = time.perf_counter() - t0
     learner = core.learner
     assert learner is not None
@@ -373,6 +444,8 @@ def run_case(
     if published is not None:
         forecasts["published"] = published
     figures = score_case(world, forecasts, inputs["seen"])
+    if published is not None:
+        figures["published"]["intervals"] = interval_scores(world, fed)
     ms = np.asarray(learner.stats.update_ms or [np.nan])
     return {
         "world": name,
@@ -431,15 +504,39 @@ def worst_block(cases: list[dict[str, Any]]) -> dict[str, Any]:
         learnable = [c for c in have if c["learnable"]]
         if learnable:
             block["skill_vs_zero_min"] = min(c[name]["skill_vs_zero"] for c in learnable)
+            if name == "published":
+                kept = [
+                    (c[name]["skill_vs_zero"] / c["model"]["skill_vs_zero"], c)
+                    for c in learnable
+                    if c["model"]["skill_vs_zero"] > 0
+                ]
+                if kept:
+                    share, case = min(kept, key=lambda kc: kc[0])
+                    block["share_of_model_skill_kept_min"] = round(share, 4)
+                    block["share_of_model_skill_kept_case"] = f"{case['world']}/{case['seed']}"
         rw = [c for c in have if not c["learnable"]]
         if rw:
             block["unlearnable_mse_over_zero"] = max(
                 round(c[name]["mse"] / c["zero"]["mse"], 4) for c in rw
             )
+            dms = [c[name]["dm_vs_zero"] for c in rw if c[name]["dm_vs_zero"] is not None]
+            block["unlearnable_dm_vs_zero_max"] = max(dms) if dms else None
+        gaps: dict[str, tuple[float, str]] = {}
+        for c in have:
+            for lv in c[name].get("intervals", []):
+                if lv.get("gap_points") is None:
+                    continue
+                key, gap = str(lv["level"]), float(lv["gap_points"])
+                if key not in gaps or abs(gap) > abs(gaps[key][0]):
+                    gaps[key] = (gap, f"{c['world']}/{c['seed']}")
+        if gaps:
+            block["coverage_gap_points"] = {k: g for k, (g, _) in sorted(gaps.items())}
+            block["coverage_gap_case"] = {k: w for k, (_, w) in sorted(gaps.items())}
         out[name] = block
     model = out.get("model", {})
+    pub = out.get("published", {})
     shifts = "steps_to_recover" in model
-    out["targets"] = {
+    targets: dict[str, Any] = {
         "ratio_to_oracle": TARGET_RATIO,
         "ratio_met": model.get("ratio_to_oracle", np.inf) <= TARGET_RATIO,
         "steps_to_recover": TARGET_RECOVERY,
@@ -450,6 +547,21 @@ def worst_block(cases: list[dict[str, Any]]) -> dict[str, Any]:
         if shifts
         else None,
     }
+    if "unlearnable_mse_over_zero" in pub:
+        dm = pub.get("unlearnable_dm_vs_zero_max")
+        targets["unlearnable_published_over_zero"] = TARGET_UNLEARNABLE
+        targets["unlearnable_met"] = pub["unlearnable_mse_over_zero"] <= TARGET_UNLEARNABLE and (
+            dm is None or dm < 1.96
+        )
+    if "share_of_model_skill_kept_min" in pub:
+        targets["share_of_model_skill_kept"] = TARGET_SKILL_KEPT
+        targets["skill_kept_met"] = pub["share_of_model_skill_kept_min"] >= TARGET_SKILL_KEPT
+    if "coverage_gap_points" in pub:
+        targets["coverage_gap_points"] = TARGET_COVERAGE_POINTS
+        targets["coverage_met"] = all(
+            abs(g) <= TARGET_COVERAGE_POINTS for g in pub["coverage_gap_points"].values()
+        )
+    out["targets"] = targets
     return out
 
 
@@ -457,7 +569,7 @@ def run(
     *,
     worlds: Sequence[str] = DEFAULT_WORLDS,
     seeds: Sequence[int] = DEFAULT_SEEDS,
-    entities: int = 200,
+    entities: int = 100,
     steps: int = 2000,
     learn: LearnConfig | None = None,
     linear: LinearSpec = LinearSpec(),

@@ -60,6 +60,14 @@ def _finite_figures(block):
     for key, value in block.items():
         if key == "steps_to_recover":
             assert value is None or value >= 0
+        elif key == "dm_vs_zero":  # None where the loss differential never varies
+            assert value is None or np.isfinite(value)
+        elif key == "intervals":
+            for level in value:
+                assert 0 < level["level"] < 1
+                if level["pairs"]:
+                    assert 0 <= level["coverage"] <= 1 and level["mean_width"] > 0
+                    assert level["interval_score"] >= level["mean_width"]
         else:
             assert np.isfinite(value), (key, value)
 
@@ -76,6 +84,8 @@ def test_learn_matrix_reports_every_case_and_the_worst_at_tiny_size():
             _finite_figures(case[name])
         if "published" in case:
             _finite_figures(case["published"])
+            assert [lv["level"] for lv in case["published"]["intervals"]] == [0.8, 0.95]
+        assert case["zero"]["dm_vs_zero"] is None
         assert case["oracle"]["pairs"] > 0 and case["learning"]["updates"] > 0
         assert case["zero"]["skill_vs_zero"] == 0.0
     shifted, walk = result["cases"]
@@ -95,7 +105,14 @@ def test_learn_matrix_reports_every_case_and_the_worst_at_tiny_size():
         "ratio_met",
         "steps_to_recover",
         "recovery_met",
+        "unlearnable_published_over_zero",
+        "unlearnable_met",
+        "share_of_model_skill_kept",
+        "skill_kept_met",
+        "coverage_gap_points",
+        "coverage_met",
     }
+    assert worst["published"]["share_of_model_skill_kept_case"] == "garch_abrupt/0"
 
 
 def test_linear_baseline_learns_a_linear_world_and_does_not_diverge():

@@ -162,3 +162,51 @@ def test_persistence_of_the_last_change_replaces_zero_where_it_is_clearly_better
     walk, out_walk = run(np.zeros_like(y), garch_t(rng, steps, n))
     assert (out_walk[-1].naive[:, 0] == 0).all()
     assert walk.summary()[0]["naive_in_use"] == {"zero": n, "persistence": 0}
+
+
+def _half_skilled_world(seed: int, steps: int = 1500, n: int = 40):
+    """A model that knows the signal of the first half of the entities and forecasts noise of
+    the returns' size for the second half."""
+    rng = np.random.default_rng(seed)
+    signal = 0.005 * np.sin(np.arange(steps)[:, None] / 7.0 + rng.uniform(0, 6, n))
+    y = signal + garch_t(rng, steps, n)
+    model_f = np.vstack([signal[1:], signal[-1:]]) + 0.002 * rng.normal(size=(steps, n))
+    model_f[:, n // 2 :] = rng.normal(size=(steps, n - n // 2)) * y.std()
+    return y, model_f
+
+
+def test_pooling_gives_alike_entities_the_weight_of_all_of_them():
+    """Every entity's model is equally good: each one's own sums cap its weight near
+    1 - k / sqrt(n); pooled, the weight is nearer 1 and the published error lower."""
+    rng = np.random.default_rng(11)
+    steps, n = 1500, 40
+    y = 0.004 * rng.normal(size=(steps, n))
+    model_f = np.vstack([y[1:], y[-1:]]) + 0.001 * rng.normal(size=(steps, n))
+    mse = {}
+    weights = {}
+    for pool in (False, True):
+        comb, out = run(model_f, y, ForecastConfig(combine_pool=pool))
+        pub = np.array([o.published[:, 0] for o in out])
+        mse[pool] = ((pub[100:-1] - y[101:]) ** 2).mean()
+        weights[pool] = out[-1].weight[:, 0]
+    assert weights[True].min() > weights[False].max()
+    # least squares: cov(model, y) / var(model) = 16 / 17 = 0.94 here
+    assert weights[True].min() > 0.9
+    assert mse[True] < mse[False]
+
+
+def test_pooling_keeps_entities_the_model_does_not_help_near_zero_weight():
+    """Half the entities have a skilled model, half a useless one: the pool must not lend
+    the useless half the good half's weight."""
+    y, model_f = _half_skilled_world(12)
+    n = y.shape[1]
+    comb, out = run(model_f, y, ForecastConfig(combine_pool=True))
+    w = out[-1].weight[:, 0]
+    assert w[: n // 2].min() > 0.5
+    assert w[n // 2 :].max() < 0.1
+    pub = np.array([o.published[:, 0] for o in out])
+    bad = slice(n // 2, n)
+    e_pub = (pub[100:-1, bad] - y[101:, bad]) ** 2
+    e_zero = y[101:, bad] ** 2
+    assert e_pub.mean() / e_zero.mean() <= 1.005
+    assert dm_stat(e_pub, e_zero) < 1.96
