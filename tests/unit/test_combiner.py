@@ -185,7 +185,7 @@ def test_pooling_gives_alike_entities_the_weight_of_all_of_them():
     mse = {}
     weights = {}
     for pool in (False, True):
-        comb, out = run(model_f, y, ForecastConfig(combine_pool=pool))
+        _, out = run(model_f, y, ForecastConfig(combine_pool=pool))
         pub = np.array([o.published[:, 0] for o in out])
         mse[pool] = ((pub[100:-1] - y[101:]) ** 2).mean()
         weights[pool] = out[-1].weight[:, 0]
@@ -200,7 +200,7 @@ def test_pooling_keeps_entities_the_model_does_not_help_near_zero_weight():
     the useless half the good half's weight."""
     y, model_f = _half_skilled_world(12)
     n = y.shape[1]
-    comb, out = run(model_f, y, ForecastConfig(combine_pool=True))
+    _, out = run(model_f, y, ForecastConfig(combine_pool=True))
     w = out[-1].weight[:, 0]
     assert w[: n // 2].min() > 0.5
     assert w[n // 2 :].max() < 0.1
