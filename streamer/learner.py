@@ -138,6 +138,7 @@ class OnlineLearner:
         self.on_update: Any = None  # callback(version, weights) after an accepted update
         self._drift = _Drift()
         self._naive_is_last = config.stream.target_transform == "none"
+        self._clip = float(config.model.clip)
         # (entity, slot) of the rows in use (the Forecaster's registry): the canonical order
         # of rows in training (`_rows`). None: slot order.
         self.row_keys: Callable[[], Iterable[tuple[str, int]]] | None = None
@@ -432,6 +433,9 @@ class OnlineLearner:
                 continue
             pad = tf.zeros_like(target[:, :k])
             realised = (target[:, k:] - mean[:, : w - k]) / std[:, : w - k]
+            # Clipped like the inputs (model.clip): an entity's first observations give a
+            # tiny std, and one such target must not dominate the window's loss.
+            realised = tf.clip_by_value(realised, -self._clip, self._clip)
             both = tf.cast(tf.logical_and(mask[:, : w - k], mask[:, k:]), tf.float32)
             targets.append(tf.concat([realised, pad], axis=1))
             tmask.append(tf.concat([both, pad], axis=1))

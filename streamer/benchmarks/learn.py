@@ -12,7 +12,11 @@ Per case (world x seed) and forecaster, over the realised one-step pairs after a
 of t + 1 when the entity reported at both; every forecaster on the same pairs):
 
 - ratio_to_oracle: MSE / the oracle's MSE (whole stream); ratio_after_shift: the same for
-  the targets from the start of the shift on;
+  the targets from the start of the shift on; ratio_first_100_after_shift: for the targets
+  of its first 100 steps;
+- dm_vs_zero: Diebold-Mariano statistic against zero change (positive: worse);
+- intervals (published): per level, coverage, its gap to nominal in points, mean width and
+  interval score of the one-step prediction intervals;
 - skill_vs_zero: 1 - MSE / MSE of zero change (the best naive forecast of a return);
   skill_vs_persistence: the same against the last observed return;
 - steps_to_recover: steps after the shift (after its end, for a gradual one) until the
@@ -56,6 +60,7 @@ ROLLING = 50
 RECOVERED = 1.3  # run_learning's (bench precision) recovery threshold
 MATRIX_RECOVERED = 1.2  # the matrix's
 WARMUP = 50
+SHIFT_WINDOW = 100  # ratio_first_100_after_shift: the targets of the shift's first 100 steps
 # Every family but independent_abrupt (available with --worlds): the matrix must fit.
 DEFAULT_WORLDS: tuple[str, ...] = tuple(n for n in worlds_mod.FAMILIES if n != "independent_abrupt")
 DEFAULT_SEEDS: tuple[int, ...] = (0, 1, 2)
@@ -401,6 +406,10 @@ def score_case(
         if after is not None and shift_end is not None:
             fig["ratio_after_shift"] = round(
                 float(se[after].sum()) / float(se_oracle[after].sum()), 4
+            )
+            first = slice(shift_at - 1, shift_at - 1 + SHIFT_WINDOW)
+            fig[f"ratio_first_{SHIFT_WINDOW}_after_shift"] = round(
+                float(se[first].sum()) / float(se_oracle[first].sum()), 4
             )
             fig["steps_to_recover"] = _recovery(se.sum(axis=1), sums_oracle, shift_end - 1)
         out[name] = fig
