@@ -447,3 +447,20 @@ def test_learning_does_not_depend_on_which_slot_an_entity_got():
     # 40 entities x 300 steps; what is left is the step's own last-bit dependence on a row's
     # position in the batch, which learning no longer amplifies.
     assert gap_w <= 1e-9 and gap_f <= 1e-8, (gap_w, gap_f)
+
+
+def test_training_targets_are_clipped_like_the_inputs():
+    """A row whose normalisation is immature (tiny std) must not put a target of 1e4
+    standard deviations into the loss: realised targets are clipped at model.clip."""
+    cfg = config()
+    model = StatefulLSTM(cfg, S)
+    learner = OnlineLearner(model, cfg)
+    xs, masks = data(9)
+    xs[:, 1, 0] = np.linspace(-5e4, 5e4, W)  # row 1's target (feature "a"), unnormalised
+    masks[:, 1] = True
+    for x, m in zip(xs, masks, strict=True):
+        model.step(x, m)
+    _, _, targets, tmask = learner.window_arrays()
+    clip = cfg.model.clip
+    assert np.abs(targets[tmask > 0]).max() <= clip
+    assert np.isclose(np.abs(targets[1][tmask[1] > 0]).max(), clip)
