@@ -403,7 +403,7 @@ def score_case(
             "skill_vs_persistence": round(1.0 - total / se_persist_total, 4),
             "dm_vs_zero": dm_statistic(se, se_zero, pair),
         }
-        if after is not None and shift_end is not None:
+        if after is not None and shift_at is not None and shift_end is not None:
             fig["ratio_after_shift"] = round(
                 float(se[after].sum()) / float(se_oracle[after].sum()), 4
             )
