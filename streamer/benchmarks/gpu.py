@@ -80,16 +80,17 @@ def _train(entities: int, device: str, precision: Precision = "float32") -> dict
             steps_seen=0,
         )
         start = [(tf.zeros((s, UNITS)), tf.zeros((s, UNITS)))]
+        rank = learner._rank()
         for _ in range(2):
-            loss, grads, _, _ = learner._update_fn(start)
+            loss, grads, _, _ = learner._update_fn(start, rank)
         times = []
         for _ in range(5):
             t0 = time.perf_counter()
-            loss, grads, _, _ = learner._update_fn(start)
+            loss, grads, _, _ = learner._update_fn(start, rank)
             learner.optimizer.apply(grads, model.weights)
             float(loss)
             times.append((time.perf_counter() - t0) * 1e3)
-        kernel = window_kernel(learner._update_fn.get_concrete_function(start))
+        kernel = window_kernel(learner._update_fn.get_concrete_function(start, rank))
     p50 = float(np.median(times))
     return {
         "update_ms_p50": round(p50, 3),

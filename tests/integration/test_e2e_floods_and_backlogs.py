@@ -289,7 +289,8 @@ def test_backlog_of_thousands_of_steps_with_learning_stays_in_the_group(
     assert produced == BACKLOG_ENTITIES * BACKLOG_STEPS
 
     engine = EngineProcess(env, tmp_path, "backlog", idle_exit_s=3.0)
-    rc = _run(engine, timeout=240)
+    # 2,000 updates of 4 epochs each (the learner's defaults): about 4 minutes on 2 cores.
+    rc = _run(engine, timeout=480)
     _assert_clean_exit(engine, rc)
     run_s = (engine.ended_at or time.monotonic()) - engine.started_at
     err = engine.stderr()

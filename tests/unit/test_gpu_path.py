@@ -154,7 +154,8 @@ def _traced_update(cfg: Config):
     learner = OnlineLearner(model, cfg)
     f32 = tf.float32
     return learner._update_fn.get_concrete_function(
-        [(tf.TensorSpec((S, u), f32), tf.TensorSpec((S, u), f32)) for u in cfg.model.units]
+        [(tf.TensorSpec((S, u), f32), tf.TensorSpec((S, u), f32)) for u in cfg.model.units],
+        tf.TensorSpec((S,), tf.int32),  # the rows' canonical ranks (OnlineLearner._rank)
     )
 
 
